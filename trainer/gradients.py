@@ -1,0 +1,75 @@
+"""Forward, loss, backward: the gradients of the loss w.r.t. every parameter and the input.
+
+This is the lecture's backpropagation walk-through as a utility; the server's
+GradientProbe calls it. It uses `torch.autograd.grad`, which returns the
+gradients instead of accumulating them into `.grad`, and never switches the
+module to train mode, so probes running beside each other and beside
+inference cannot corrupt one another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = {
+    "bce": F.binary_cross_entropy_with_logits,  # classifiers: outputs are logits, targets in [0, 1]
+    "mse": F.mse_loss,  # regression, e.g. the lecture's toy network
+}
+
+
+class ProbeError(ValueError):
+    """Inputs, targets or loss that a probe cannot use; the message says which."""
+
+
+@dataclass
+class ParameterGradient:
+    name: str
+    gradient: torch.Tensor  # same shape as the parameter
+
+    @property
+    def norm(self) -> float:
+        return float(self.gradient.norm())
+
+    @property
+    def max_abs(self) -> float:
+        return float(self.gradient.abs().max()) if self.gradient.numel() else 0.0
+
+    @property
+    def mean_abs(self) -> float:
+        return float(self.gradient.abs().mean()) if self.gradient.numel() else 0.0
+
+
+@dataclass
+class ProbeResult:
+    loss: float
+    outputs: torch.Tensor  # the model's outputs, detached
+    parameters: list[ParameterGradient]  # in `named_parameters()` order
+    input_gradient: torch.Tensor  # d loss / d input, the input's shape
+
+
+def gradient_probe(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "bce") -> ProbeResult:
+    """One forward and backward pass; `targets` has one value per output element (mean-reduced loss)."""
+    if loss not in LOSSES:
+        raise ProbeError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    x = inputs.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        outputs = module(x)
+        if targets.numel() != outputs.numel():
+            raise ProbeError(f"got {targets.numel()} targets for {outputs.numel()} outputs (one target per output value)")
+        targets = targets.to(dtype=outputs.dtype, device=outputs.device).reshape(outputs.shape)
+        if not torch.isfinite(targets).all():
+            raise ProbeError("targets must be finite")
+        if loss == "bce" and ((targets < 0) | (targets > 1)).any():
+            raise ProbeError("bce targets must lie in [0, 1] (1 = the positive class)")
+        value = LOSSES[loss](outputs, targets)
+        grads = torch.autograd.grad(value, [x] + [p for _, p in named], allow_unused=True)
+    parameters = [
+        ParameterGradient(name, torch.zeros_like(p) if g is None else g.detach())
+        for (name, p), g in zip(named, grads[1:])
+    ]
+    input_gradient = torch.zeros_like(x) if grads[0] is None else grads[0].detach()
+    return ProbeResult(float(value.detach()), outputs.detach(), parameters, input_gradient)

@@ -1,0 +1,115 @@
+"""The one preprocessing path shared by the trainer and the server.
+
+An image (any format and mode Pillow reads) becomes a uint8 RGB tensor of shape
+[3, 128, 128]; the model input is that divided by 255 (the lecture's
+`Resize` + `ToTensor`). Keeping decode and resize as uint8 lets the trainer keep
+a whole data set in memory cheaply and lets the server batch the float
+conversion. torchvision.io decodes PNG/JPEG/WebP/GIF without holding the GIL;
+Pillow is the fallback for every other format and the guard against
+decompression bombs (it reads only the header before we decide to decode).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import io as tvio
+from torchvision.transforms.v2 import functional as F
+
+IMAGE_SIZE = (128, 128)  # (height, width)
+CHANNELS = 3
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# Recorded in the model file so a server knows how its inputs were made.
+PREPROCESSING = {
+    "decode": "rgb",  # any mode -> RGB, alpha dropped (Pillow's convert("RGB"))
+    "resize": list(IMAGE_SIZE),
+    "interpolation": "bilinear",
+    "antialias": True,
+    "dtype": "float32",
+    "scale": 1 / 255,
+    "layout": "NCHW",
+}
+
+_FAST_FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can use; the message says why."""
+
+
+def _check_header(data: bytes, max_pixels: int) -> str:
+    """Read only the header: reject non-images and decompression bombs before decoding."""
+    if not data:
+        raise ImageError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                fmt = img.format or "?"
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageError("not an image Pillow can read") from None
+        raise ImageError(f"image too large to decode ({exc})") from None
+    except Exception as exc:  # truncated headers raise many types
+        raise ImageError(f"unreadable image header: {exc}") from None
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    return fmt
+
+
+def _decode_with_pillow(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image bytes -> uint8 RGB tensor [3, H, W] at the image's own size."""
+    fmt = _check_header(data, max_pixels)
+    try:
+        if fmt in _FAST_FORMATS:
+            try:
+                img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+                if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+                    return img
+            except RuntimeError:
+                pass  # formats/variants torchvision's decoders refuse: let Pillow try
+        return _decode_with_pillow(data)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt data
+        raise ImageError(f"corrupt or truncated image ({fmt}): {exc}") from None
+
+
+def resize(image: torch.Tensor, size: tuple[int, int] = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, *size]; a no-op when the size already matches."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.resize(image, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+
+
+def load_image(data: bytes, *, size: tuple[int, int] = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded bytes -> uint8 [3, *size]: what the trainer stores and the server batches."""
+    return resize(decode_image(data, max_pixels=max_pixels), size)
+
+
+def load_image_file(path) -> torch.Tensor:
+    """`ImageFolder` loader: a path -> uint8 [3, H, W] (resize is the transform's job)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return decode_image(data)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [0, 1] (the lecture's `ToTensor`)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.to(torch.float32).div_(255.0)  # .to() copied: in place is safe
