@@ -36,6 +36,13 @@ PREPROCESSING = {
 
 _FAST_FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns
+# on every call. They are still the fastest GIL-free decoders we have; hide that
+# one message, once, here (a filter per call would race between decode threads).
+warnings.filterwarnings(
+    "ignore", message=r"The image decoding and encoding capabilities of TorchVision are deprecated", category=DeprecationWarning
+)
+
 
 class ImageError(ValueError):
     """The bytes are not an image we can use; the message says why."""

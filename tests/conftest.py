@@ -1,0 +1,140 @@
+"""Shared fixtures: small exported models and a real server subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.export import build_metadata, export_model
+from trainer.models import ToyNetwork, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
+READY_LINE = re.compile(r"ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
+
+
+def export_test_model(arch: str, path: Path, seed: int = 0, class_names=("eva", "not_eva")) -> Path:
+    """An untrained (but seeded, deterministic) classifier exported exactly as the trainer does."""
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    metadata = build_metadata(architecture=arch, class_names=list(class_names), positive_class=class_names[0], model=model)
+    return export_model(model, path, metadata)
+
+
+@pytest.fixture(scope="session")
+def mlp_model_file(tmp_path_factory) -> Path:
+    return export_test_model("mlp", tmp_path_factory.mktemp("models") / "mlp.pt")
+
+
+@pytest.fixture(scope="session")
+def cnn_model_file(tmp_path_factory) -> Path:
+    return export_test_model("cnn", tmp_path_factory.mktemp("models") / "cnn.pt")
+
+
+@pytest.fixture(scope="session")
+def toy_model_file(tmp_path_factory) -> Path:
+    """The lecture's 1-2-1 network with its worked-example weights, and no metadata."""
+    from trainer import modelfile
+
+    path = tmp_path_factory.mktemp("models") / "toy.pt"
+    return modelfile.export_torchscript(ToyNetwork.lecture(), path, {}, torch.tensor([[1.0], [0.5]]))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "train").is_dir():
+        pytest.skip(f"real bitmoji data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@dataclass
+class ServerProcess:
+    """A `bitmoji-serve` subprocess; `target` is host:port for a gRPC channel."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    metrics_port: int | None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, *args: str, env: dict | None = None, timeout: float = 60, metrics: bool = True) -> ServerProcess:
+    """Start `python -m server` on a free loopback port and wait for its ready line."""
+    metrics_port = free_port() if metrics else None
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
+    if metrics_port:
+        cmd += ["--metrics-port", str(metrics_port)]
+    cmd += list(args)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
+    log: list[str] = []
+    ready = threading.Event()
+    found: dict = {}
+
+    def pump():
+        for line in proc.stdout:
+            log.append(line)
+            m = READY_LINE.search(line)
+            if m and not ready.is_set():
+                found.update(m.groupdict())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.05):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not become ready:\n" + "".join(log))
+    if not found:
+        proc.wait(5)
+        raise RuntimeError(f"server exited with {proc.returncode} before ready:\n" + "".join(log))
+    return ServerProcess(proc, found["host"].strip("[]"), int(found["port"]), metrics_port, log)
+
+
+@pytest.fixture
+def server_factory():
+    """Start servers with `server_factory(model_path, *flags)`; all are stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def factory(model: Path, *args: str, **kwargs) -> ServerProcess:
+        server = start_server(model, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
