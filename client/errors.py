@@ -1,0 +1,28 @@
+"""The one exception the client raises for a failed call."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BitmojiError(Exception):
+    """A call to the server failed.
+
+    `code` is the `grpc.StatusCode` (UNAVAILABLE after the retries ran out,
+    INVALID_ARGUMENT for an input the server refused, ...), `details` the
+    server's message, `method` the RPC. The original `grpc.RpcError` is the
+    `__cause__`. Callers catch one type and branch on `code`, as they would on
+    an HTTP status.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = ""):
+        self.code = code
+        self.details = details
+        self.method = method
+        super().__init__(f"{code.name}: {details}")
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError, method: str) -> "BitmojiError":
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or str(error), method)
