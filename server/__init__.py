@@ -1,0 +1,8 @@
+"""The bitmoji gRPC model server: `bitmoji-serve` (see `server.main`).
+
+Modules, one job each: `config` (every knob, flags and environment),
+`inputs` (request items -> tensors, validated), `model` (the served model and
+its forward pass), `batcher` (dynamic batching on the model thread), `service`
+(the gRPC servicer), `saliency` (gradient heat maps), `metrics` (Prometheus),
+`main` (life cycle: start, warm up, serve, drain).
+"""

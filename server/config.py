@@ -1,0 +1,159 @@
+"""Every server knob in one typed place, from flags or `BITMOJI_<FLAG_NAME>` environment variables.
+
+A flag on the command line wins over its environment variable, which wins
+over the default; `--max-batch-size 8` and `BITMOJI_MAX_BATCH_SIZE=8` are the
+same thing. Containers set environment variables, people type flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from trainer.preprocess import DEFAULT_MAX_PIXELS
+
+ENV_PREFIX = "BITMOJI_"
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    device: str = "auto"  # auto | cpu | cuda (auto picks cuda when available)
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (the ready line says which)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 = no metrics endpoint
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    max_queue: int = 1024  # items accepted and not yet in a model batch
+    max_items_per_call: int = 256
+    max_probe_inputs: int = 8
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
+    decode_workers: int | None = None  # None = one per core
+    torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
+    input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
+    gradient_probe: bool = True
+    grace_period_s: float = 10.0
+    log_level: str = "INFO"
+    warmup_delay_s: float = 0.0  # test-only: stay NOT_SERVING this much longer
+
+    def __post_init__(self):
+        positive = ("max_batch_size", "max_queue", "max_items_per_call", "max_probe_inputs", "max_message_bytes", "max_image_pixels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        for name in ("decode_workers", "torch_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        for name in ("max_batch_delay_ms", "grace_period_s", "warmup_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("ports must lie in 0..65535")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        # A call must be able to fit in the queue at all: otherwise it would get
+        # RESOURCE_EXHAUSTED forever, which a client would retry forever.
+        if self.max_queue < self.max_items_per_call:
+            raise ValueError(f"--max-queue ({self.max_queue}) must be at least --max-items-per-call ({self.max_items_per_call})")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
+        if self.input_shape is not None and (not self.input_shape or min(self.input_shape) < 1):
+            raise ValueError(f"--input-shape needs positive dimensions (got {self.input_shape})")
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
+
+    @property
+    def resolved_decode_workers(self) -> int:
+        return self.decode_workers or cpu_count()
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape like 3,128,128: {text!r}") from None
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def build_parser(environ=os.environ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitmoji-serve",
+        description="Serve a bitmoji TorchScript model over gRPC (Classify, StreamClassify, GradientProbe, GetModelInfo), "
+        "with health, reflection and Prometheus metrics.",
+        epilog=f"Every flag can also be set by an environment variable: {ENV_PREFIX}<FLAG_NAME>, "
+        f"e.g. {ENV_PREFIX}MAX_BATCH_SIZE=64. Flags win over the environment.",
+    )
+    d = ServerConfig.__dataclass_fields__
+
+    def flag(name: str, type_, help_: str, *, default=None, hidden: bool = False, **kwargs):
+        dest = name.replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        if default is None and dest in d:
+            default = d[dest].default
+        # argparse runs `type` on string defaults, so a bad environment value is
+        # reported like a bad flag.
+        value = environ.get(env, default)
+        parser.add_argument(
+            f"--{name}", type=type_, default=value, dest=dest,
+            help=argparse.SUPPRESS if hidden else f"{help_} [env {env}; default {default}]", **kwargs,
+        )
+
+    parser.add_argument(
+        "--model", default=environ.get(ENV_PREFIX + "MODEL"), required=ENV_PREFIX + "MODEL" not in environ,
+        help=f"the TorchScript model file to serve (a TorchScript file is code: serve only files you trust) [env {ENV_PREFIX}MODEL]",
+    )
+    flag("device", str, "auto, cpu, cuda or cuda:N; auto picks cuda when available")
+    flag("host", str, "address for gRPC")
+    flag("port", int, "port for gRPC; 0 picks a free one")
+    flag("metrics-host", str, "address for the Prometheus endpoint")
+    flag("metrics-port", int, "port for the Prometheus endpoint /metrics; 0 disables it")
+    flag("max-batch-size", int, "most items in one model batch")
+    flag("max-batch-delay-ms", float, "longest a batch waits for more items, from its first item's arrival")
+    flag("max-queue", int, "most items accepted but not yet in a batch; beyond it calls get RESOURCE_EXHAUSTED")
+    flag("max-items-per-call", int, "most inputs in one Classify request")
+    flag("max-probe-inputs", int, "most inputs in one GradientProbe request")
+    flag("max-message-bytes", int, "largest gRPC message, received or sent")
+    flag("max-image-pixels", int, "largest image (width x height) to decode; checked before decoding")
+    flag("decode-workers", int, "threads decoding images (default: one per core)")
+    flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
+    flag("input-shape", _shape, "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)")
+    flag("disable-gradient-probe", _bool, "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",
+         default=False, nargs="?", const=True)
+    flag("grace-period-s", float, "on SIGTERM/SIGINT, how long accepted calls may take to finish")
+    flag("log-level", str.upper, "DEBUG, INFO, WARNING or ERROR")
+    flag("warmup-delay-s", float, "test-only: stay NOT_SERVING this much longer after warm-up", hidden=True)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, environ=os.environ) -> ServerConfig:
+    """Flags and environment -> a validated ServerConfig (exits with usage on errors, like argparse)."""
+    parser = build_parser(environ)
+    args = vars(parser.parse_args(argv))
+    args["gradient_probe"] = not args.pop("disable_gradient_probe")
+    try:
+        return ServerConfig(**args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

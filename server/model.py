@@ -1,0 +1,128 @@
+"""The served model: a loaded model file plus what serving needs from it, and its forward pass.
+
+A `ServedModel` is immutable; hot reload builds and warms a new one and swaps
+the reference (see `Batcher.swap_model`). Everything a request needs from the
+model (labels, input spec, version) is computed here once, not per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.inputs import InputSpec
+from trainer.modelfile import LoadedModel, ModelFileError
+from trainer.preprocess import PREPROCESSING, to_model_input
+
+
+class ModelOutputError(RuntimeError):
+    """The model ran but returned something Classify cannot report."""
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """One line saying why the model failed: TorchScript's own error is the LAST line of its traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
+    line = line.removeprefix("builtins.")
+    return (line if ":" in line else f"{type(exc).__name__}: {line}")[:limit]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelFileError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _image_size(metadata: dict, shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """The size images are resized to, if the model file says it takes images preprocessed as we do."""
+    preprocessing = metadata.get("preprocessing")
+    if not preprocessing:
+        return None
+    # Serving must equal training: refuse a file that asks for a preprocessing this server does not do.
+    differs = {k: v for k, v in preprocessing.items() if k != "resize" and PREPROCESSING.get(k) != v}
+    if differs:
+        raise ModelFileError(f"the model file asks for preprocessing this server does not implement: {differs}")
+    size = tuple(int(s) for s in preprocessing.get("resize") or (shape[-2:] if shape else ()))
+    if len(size) != 2 or (shape is not None and (len(shape) != 3 or shape[0] != 3 or tuple(shape[-2:]) != size)):
+        raise ModelFileError(f"image preprocessing (resize {list(size)}) does not match the input shape {shape}")
+    return size
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    loaded: LoadedModel
+    spec: InputSpec
+    positive_label: str
+    negative_label: str
+
+    @classmethod
+    def create(cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None) -> "ServedModel":
+        """Wrap a loaded file; `input_shape` is used only when the file declares none."""
+        declared = loaded.input_shape
+        shape = tuple(declared) if declared else input_shape
+        spec = InputSpec(shape=shape, image_size=_image_size(loaded.metadata, shape), max_pixels=max_pixels)
+        names = loaded.class_names or []
+        positive = loaded.positive_class or ""
+        if not positive and len(names) == 2:
+            positive = names[loaded.metadata.get("positive_index", 1)]
+        others = [n for n in names if n != positive]
+        return cls(loaded, spec, positive, others[0] if others else "")
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def module(self):
+        return self.loaded.module
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch -> float32 model input on the model's device (uint8 travels as uint8: 4x less to copy)."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return to_model_input(batch) if batch.dtype == torch.uint8 else batch
+
+    def predict(self, batch: torch.Tensor) -> list[list[float]]:
+        """A batch [N, ...] (uint8 or float32, on CPU) -> one [logit, probability] per item."""
+        with torch.inference_mode():
+            out = self.module(self.to_device(batch))
+            if not isinstance(out, torch.Tensor):
+                raise ModelOutputError(f"the model returned {type(out).__name__}, not a tensor")
+            n = batch.shape[0]
+            if out.dim() == 0 or out.shape[0] != n or out.numel() != n:
+                raise ModelOutputError(
+                    f"the model returned shape {list(out.shape)} for {n} items; Classify needs one logit per item"
+                )
+            logits = out.reshape(n).to(torch.float32)
+            probabilities = torch.sigmoid(logits)
+            both = torch.stack((logits, probabilities), 1).cpu()  # one device->host copy
+        return both.tolist()
+
+    def warmup(self, max_batch_size: int) -> list[int]:
+        """Run zeros through the model at batch sizes 1, 2, 4, ... and max: first calls then run at full speed.
+
+        Skipped (returns []) for a model that declares no input shape.
+        """
+        if self.spec.shape is None:
+            return []
+        sizes = sorted({*(1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size), max_batch_size})
+        dtype = torch.uint8 if self.spec.image_size else torch.float32
+        for size in sizes:
+            self.predict(torch.zeros((size, *self.spec.shape), dtype=dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sizes
+
+    def label(self, probability: float) -> str:
+        return self.positive_label if probability >= 0.5 else self.negative_label
