@@ -77,7 +77,8 @@ class ClassifierServicer:
     def GradientProbe(self, request, context):
         """Forward, loss, backward: the loss, the outputs and the gradients of the
         loss w.r.t. every parameter and every input (a saliency map). Reveals the
-        model's internals: the server can disable it or give it its own token.
+        model's internals: the server can disable it (then it answers
+        UNIMPLEMENTED) or give it its own token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
