@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: str | Path, stopped_epoch: int = -1, best_epoch: int = -1, title: str = "") -> Path:
@@ -21,6 +22,7 @@ def plot_curves(history: list[dict], path: str | Path, stopped_epoch: int = -1, 
         if stopped_epoch >= 1:
             ax.axvline(stopped_epoch, color="red", linestyle="--", label=f"early stop ({stopped_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
