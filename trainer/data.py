@@ -79,7 +79,7 @@ def load_split(root: Path, split: str, positive_class: str | None = None, size=I
     positive_index = folder.class_to_idx[positive]
     images = torch.empty((len(folder), 3, *size), dtype=torch.uint8)
     labels = torch.empty(len(folder), dtype=torch.float32)
-    for i in tqdm(range(len(folder)), desc=f"decode {split}", unit="img", disable=not progress, leave=False):
+    for i in tqdm(range(len(folder)), desc=f"decode {split}", unit="img", disable=None if progress else True, leave=False):  # None: bars on terminals only, not in logs
         try:
             image, label = folder[i]
         except ImageError as exc:

@@ -582,7 +582,7 @@ def generate(
         for name in CLASSES:
             (out / split / name).mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=n_train + n_valid, desc="synth data set", unit="img", file=sys.stderr) if progress else None
+    bar = tqdm(total=n_train + n_valid, desc="synth data set", unit="img", file=sys.stderr, disable=None) if progress else None  # disable=None: terminals only
     for split in SPLITS:
         # Independent streams per split: valid scenes never replay train scenes.
         rng = random.Random(f"trainer.synth/{seed}/{split}")
@@ -597,5 +597,6 @@ def generate(
                     bar.update(1)
     if bar is not None:
         bar.close()
+        print(f"synth: wrote {n_train + n_valid} images to {out}", file=sys.stderr)  # for logs, where the bar is off
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out

@@ -224,7 +224,7 @@ def fit(config: TrainConfig) -> FitResult:
         loss_sum, correct, seen = 0.0, 0, 0
         grad_norm_sums = torch.zeros(len(param_names))
         batches = range(0, len(order), local_batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None if progress else True)  # None: terminals only
         for start in bar:
             x, y = train.batch(order[start : start + local_batch_size], device)
             if cfg.augment:
