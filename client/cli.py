@@ -131,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds, retries included (default %(default)s)")
     p.add_argument("--tls", action="store_true", help="use TLS (system root certificates unless --ca-file)")
     p.add_argument("--ca-file", type=Path, help="PEM root certificates to trust (implies --tls)")
+    p.add_argument("--cert", type=Path, help="PEM client certificate chain for mutual TLS (with --key; implies --tls)")
+    p.add_argument("--key", type=Path, help="PEM private key of --cert")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -158,7 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         root_certificates = args.ca_file.read_bytes() if args.ca_file else None
-        with BitmojiClient(args.target, timeout=args.timeout, tls=args.tls, root_certificates=root_certificates,
+        if (args.cert is None) != (args.key is None):
+            raise ValueError("--cert and --key go together")
+        certificate_chain = args.cert.read_bytes() if args.cert else None
+        private_key = args.key.read_bytes() if args.key else None
+        with BitmojiClient(args.target, timeout=args.timeout, tls=args.tls or certificate_chain is not None,
+                           root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain,
                            token=os.environ.get("BITMOJI_TOKEN") or None) as client:
             return args.run(client, args)
     except BitmojiError as error:

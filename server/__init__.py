@@ -4,5 +4,6 @@ Modules, one job each: `config` (every knob, flags and environment),
 `inputs` (request items -> tensors, validated), `model` (the served model and
 its forward pass), `batcher` (dynamic batching on the model thread), `service`
 (the gRPC servicer), `saliency` (gradient heat maps), `metrics` (Prometheus),
-`main` (life cycle: start, warm up, serve, drain).
+`security` (TLS credentials, bearer-token interceptor), `reload` (model hot
+reload), `main` (life cycle: start, warm up, serve, drain).
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.preprocess import DEFAULT_MAX_PIXELS
 
@@ -27,6 +27,7 @@ def cpu_count() -> int:
 @dataclass(frozen=True)
 class ServerConfig:
     model: str
+    model_name: str = "bitmoji"  # the model's name in the Open Inference Protocol (KServe V2) service
     device: str = "auto"  # auto | cpu | cuda (auto picks cuda when available)
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (the ready line says which)
@@ -44,6 +45,15 @@ class ServerConfig:
     input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
     gradient_probe: bool = True
     grace_period_s: float = 10.0
+    reload_poll_s: float = 0.0  # 0 = reload the model on SIGHUP only; > 0 = also when the file changes
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, gRPC is served over TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    # Secrets stay out of repr(): a logged config must not leak them.
+    auth_token: str | None = field(default=None, repr=False)  # Bearer token every call needs (health excepted)
+    auth_token_file: str | None = None  # the same, read from a file (keeps it out of `ps` and the environment)
+    probe_token: str | None = field(default=None, repr=False)  # GradientProbe's own token
+    probe_token_file: str | None = None
     log_level: str = "INFO"
     warmup_delay_s: float = 0.0  # test-only: stay NOT_SERVING this much longer
 
@@ -56,7 +66,7 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-        for name in ("max_batch_delay_ms", "grace_period_s", "warmup_delay_s"):
+        for name in ("max_batch_delay_ms", "grace_period_s", "warmup_delay_s", "reload_poll_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -69,8 +79,19 @@ class ServerConfig:
             raise ValueError(f"--max-queue ({self.max_queue}) must be at least --max-items-per-call ({self.max_items_per_call})")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
+        if not self.model_name or not self.model_name.isprintable() or any(c.isspace() for c in self.model_name):
+            raise ValueError(f"--model-name must be a non-empty name without spaces (got {self.model_name!r})")
         if self.input_shape is not None and (not self.input_shape or min(self.input_shape) < 1):
             raise ValueError(f"--input-shape needs positive dimensions (got {self.input_shape})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("auth_token", "probe_token"):
+            if getattr(self, name) is not None and getattr(self, name + "_file") is not None:
+                raise ValueError(f"give --{name.replace('_', '-')} or --{name.replace('_', '-')}-file, not both")
+            if getattr(self, name) is not None:
+                check_token(getattr(self, name), f"--{name.replace('_', '-')}")
 
     @property
     def max_batch_delay_s(self) -> float:
@@ -79,6 +100,15 @@ class ServerConfig:
     @property
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or cpu_count()
+
+
+def check_token(token: str, what: str) -> str:
+    """A bearer token must be sendable as gRPC metadata: printable ASCII, no spaces; and not empty."""
+    if not token:
+        raise ValueError(f"{what} is empty")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(f"{what} must be printable ASCII without spaces")  # never echo the token itself
+    return token
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -100,8 +130,8 @@ def _bool(text: str) -> bool:
 def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitmoji-serve",
-        description="Serve a bitmoji TorchScript model over gRPC (Classify, StreamClassify, GradientProbe, GetModelInfo), "
-        "with health, reflection and Prometheus metrics.",
+        description="Serve a bitmoji TorchScript model over gRPC (Classify, StreamClassify, GradientProbe, GetModelInfo, "
+        "and the Open Inference Protocol, KServe V2), with health, reflection and Prometheus metrics.",
         epilog=f"Every flag can also be set by an environment variable: {ENV_PREFIX}<FLAG_NAME>, "
         f"e.g. {ENV_PREFIX}MAX_BATCH_SIZE=64. Flags win over the environment.",
     )
@@ -124,6 +154,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
         "--model", default=environ.get(ENV_PREFIX + "MODEL"), required=ENV_PREFIX + "MODEL" not in environ,
         help=f"the TorchScript model file to serve (a TorchScript file is code: serve only files you trust) [env {ENV_PREFIX}MODEL]",
     )
+    flag("model-name", str, "the model's name in the Open Inference Protocol (KServe V2) service")
     flag("device", str, "auto, cpu, cuda or cuda:N; auto picks cuda when available")
     flag("host", str, "address for gRPC")
     flag("port", int, "port for gRPC; 0 picks a free one")
@@ -142,6 +173,14 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("disable-gradient-probe", _bool, "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",
          default=False, nargs="?", const=True)
     flag("grace-period-s", float, "on SIGTERM/SIGINT, how long accepted calls may take to finish")
+    flag("reload-poll-s", float, "also reload the model when its file changes, checked this often (0: SIGHUP only)")
+    flag("tls-cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    flag("tls-key", str, "PEM private key of --tls-cert")
+    flag("tls-client-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)")
+    flag("auth-token", str, "bearer token every call needs, health excepted (prefer --auth-token-file)")
+    flag("auth-token-file", str, "file holding the bearer token")
+    flag("probe-token", str, "bearer token GradientProbe needs (prefer --probe-token-file)")
+    flag("probe-token-file", str, "file holding GradientProbe's token")
     flag("log-level", str.upper, "DEBUG, INFO, WARNING or ERROR")
     flag("warmup-delay-s", float, "test-only: stay NOT_SERVING this much longer after warm-up", hidden=True)
     return parser
@@ -152,6 +191,8 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> ServerCon
     parser = build_parser(environ)
     args = vars(parser.parse_args(argv))
     args["gradient_probe"] = not args.pop("disable_gradient_probe")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token", "auth_token_file", "probe_token", "probe_token_file"):
+        args[name] = args[name] or None  # an empty environment variable means unset
     try:
         return ServerConfig(**args)
     except ValueError as exc:

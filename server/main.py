@@ -6,7 +6,8 @@ meet; health turns SERVING and one "ready on HOST:PORT" line is logged. On
 SIGTERM or SIGINT health turns NOT_SERVING, new calls are refused, accepted
 calls get up to --grace-period-s to finish, then long-lived streams (health
 Watch) are closed, and one "stopped" line is logged. A second signal stops at
-once.
+once. SIGHUP reloads the model file (see `server.reload`); TLS and tokens are
+`server.security`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,6 +30,8 @@ from server.batcher import Batcher
 from server.config import ServerConfig, cpu_count, parse_config
 from server.metrics import Metrics
 from server.model import ServedModel, error_summary, resolve_device
+from server.reload import ModelReloader
+from server.security import TokenAuthInterceptor, describe, server_credentials, tokens
 from server.service import SERVICE_NAME, ClassifierService
 from trainer.modelfile import ModelFileError, load_model
 
@@ -74,6 +78,23 @@ def default_torch_threads(device: torch.device) -> int:
 async def serve(config: ServerConfig) -> None:
     """Run the server until a signal; raises ModelFileError (or RuntimeError) when it cannot start."""
     loop = asyncio.get_running_loop()
+    # SIGHUP's default action ends the process: catch it from the start (a reload asked for before
+    # the server is ready runs once it is).
+    reloader: ModelReloader | None = None
+    early_hup: list[bool] = []
+
+    def on_hup() -> None:
+        if reloader is None:
+            early_hup.append(True)
+        else:
+            reloader.request("SIGHUP")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Certificates and tokens first: a misconfigured server fails before the (slow) model load.
+    credentials = server_credentials(config)
+    auth_token, probe_token = tokens(config)
+    if auth_token and credentials is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("a bearer token without TLS on %s: tokens cross the network in clear text (add --tls-cert/--tls-key)", config.host)
     device = resolve_device(config.device)
     threads = config.torch_threads or default_torch_threads(device)
     torch.set_num_threads(threads)
@@ -90,20 +111,29 @@ async def serve(config: ServerConfig) -> None:
     decode_pool = ThreadPoolExecutor(config.resolved_decode_workers, thread_name_prefix="bitmoji-decode")
     probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe")
     service = ClassifierService(config, batcher, metrics, decode_pool=decode_pool, probe_pool=probe_pool, torch_threads=threads)
+    reloader = ModelReloader(config, service, metrics)
+    if early_hup:
+        reloader.request("SIGHUP")
 
-    server = grpc.aio.server(options=[
+    interceptors = [TokenAuthInterceptor(auth_token, probe_token, metrics)] if auth_token or probe_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
     pb_grpc.add_ClassifierServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships the
+    # same `inference.*` protobuf messages, and a process that imports server.main (a test) may load tritonclient.
+    from server import kserve
+
+    services = (SERVICE_NAME, kserve.add_to_server(server, service, health_servicer, model_name=config.model_name))
+    for name in ("", *services):
         await health_servicer.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     httpd = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port else None
-    # TLS (issue 5) becomes add_secure_port here; token checks an interceptor on grpc.aio.server.
-    port = server.add_insecure_port(_address(config.host, config.port))
+    address = _address(config.host, config.port)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
 
     stop = asyncio.Event()
@@ -126,17 +156,25 @@ async def serve(config: ServerConfig) -> None:
         else:
             sizes = warm.result()  # a model that fails warm-up fails start-up
             batcher.start()
-            for name in ("", SERVICE_NAME):
+            for name in ("", *services):
                 await health_servicer.set(name, SERVING)
+            reloader.start()
             metrics_url = f"http://{_address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
+            reload_mode = f"SIGHUP or file change (every {config.reload_poll_s:g} s)" if config.reload_poll_s else "SIGHUP"
             log.info(
-                "ready on %s (model %s, device %s, torch threads %d, warmed batch sizes %s, metrics %s)",
+                "ready on %s (model %s, device %s, torch threads %d, warmed batch sizes %s, metrics %s, %s, reload on %s)",
                 _address(config.host, port), model.version, device, threads, sizes or "none", metrics_url,
+                describe(config, auth_token, probe_token), reload_mode,
             )
             await stopped
     finally:
+        await reloader.stop()  # no model swap during the drain
         await health_servicer.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(server.stop(config.grace_period_s))  # refuses new calls from now on
+        # Refuses new calls from now on. The grace period is the drain's to enforce (below); gRPC's own
+        # timer gets a second more, or the two race and a cut call could be reported as drained.
+        stopping = asyncio.ensure_future(server.stop(config.grace_period_s + 1.0))
+        log.info("stopping: health NOT_SERVING, new calls refused, draining %d accepted calls (grace period %g s)",
+                 service.active, config.grace_period_s)
         drained = await service.drain(config.grace_period_s)
         await server.stop(None)  # what is left: health Watch streams, or calls past the grace period
         await stopping
@@ -145,7 +183,7 @@ async def serve(config: ServerConfig) -> None:
         probe_pool.shutdown(wait=False, cancel_futures=True)
         if httpd is not None:
             await asyncio.to_thread(httpd.shutdown)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped%s", "" if drained else f" (calls still running after the {config.grace_period_s:g} s grace period were cancelled)")
 
@@ -167,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     interpreter teardown takes seconds and has nothing left to clean up, and
     a rolling restart should not wait for it. Embed `serve()` instead.
     """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload request must not end a starting server
     config = parse_config(argv)
     configure_logging(config.log_level)
+    # Pillow warns about odd bytes in callers' images (corrupt EXIF...): the caller's problem, answered with a
+    # status; as log lines they would let anyone flood the log.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     code = 0
     try:
         asyncio.run(serve(config))
-    except (ModelFileError, RuntimeError, OSError) as exc:
+    except (ModelFileError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError
         log.error("%s", exc)
         code = 1
     logging.shutdown()

@@ -29,7 +29,6 @@ from server.metrics import Metrics
 from server.model import ServedModel, error_summary
 from server.saliency import saliency_png
 from trainer.gradients import ProbeError, gradient_probe
-from trainer.modelfile import LoadedModel
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -146,12 +145,14 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             await asyncio.sleep(0.01)
         return not self.active
 
-    def swap_model(self, loaded: LoadedModel) -> ServedModel:
-        """Wrap, warm up and serve `loaded` (blocking: call from a thread); returns the model it replaced."""
-        served = ServedModel.create(loaded, max_pixels=self._config.max_image_pixels, input_shape=self._config.input_shape)
-        served.warmup(self._config.max_batch_size)
+    @property
+    def model(self) -> ServedModel:
+        return self._batcher.model
+
+    def swap_model(self, served: ServedModel) -> ServedModel:
+        """Serve `served` (checked and warmed up: see `server.reload`) from the next batch on; returns the model it replaced."""
         old = self._batcher.swap_model(served)
-        self._metrics.set_model(served.version, str(served.device), loaded.metadata.get("architecture") or "")
+        self._metrics.set_model(served.version, str(served.device), served.loaded.metadata.get("architecture") or "")
         return old
 
     # -- Classify -------------------------------------------------------------
@@ -198,7 +199,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._end("StreamClassify", code, start)
 
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        inputs = request.inputs
+        results, version, model = await self.infer(request.inputs, context)
+        positive, negative = model.positive_label, model.negative_label
+        Prediction = pb.Prediction
+        return pb.ClassifyResponse(
+            predictions=[Prediction(label=positive if p >= 0.5 else negative, probability=p, logit=z) for z, p in results],
+            model_version=version,
+        )
+
+    async def infer(self, inputs, context) -> tuple[list, str, ServedModel]:
+        """The path of every inference (Classify's, and ModelInfer's in `server.kserve`): count, admit, decode, batch.
+
+        Returns one [logit, probability] per item, the version of the model that ran them, and the model.
+        """
         n = len(inputs)
         if n == 0:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "empty request: send at least one input")
@@ -218,12 +231,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._batcher.withdraw(n)
             raise
         results, version = await self._batcher.run(tensors, arrived=arrived, deadline=deadline)
-        positive, negative = model.positive_label, model.negative_label
-        Prediction = pb.Prediction
-        return pb.ClassifyResponse(
-            predictions=[Prediction(label=positive if p >= 0.5 else negative, probability=p, logit=z) for z, p in results],
-            model_version=version,
-        )
+        return results, version, model
 
     async def _decode(self, inputs, spec: InputSpec) -> list[torch.Tensor]:
         """Decode a call's items in the pool: one job for a small call, spread over the workers for a big one."""
