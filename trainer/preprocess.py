@@ -58,13 +58,14 @@ def _check_header(data: bytes, max_pixels: int) -> str:
     """Read only the header: reject non-images and decompression bombs before decoding."""
     if not data:
         raise ImageError("empty image (0 bytes)")
+    # No warnings.catch_warnings() here: it rewrites the process-wide filter list and is not
+    # thread-safe (the server decodes on several threads). Our own pixel check below is the
+    # guard; Pillow still raises DecompressionBombError past twice its own limit.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                fmt = img.format or "?"
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            fmt = img.format or "?"
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise ImageError("not an image Pillow can read") from None
         raise ImageError(f"image too large to decode ({exc})") from None
