@@ -137,15 +137,20 @@ class ModelReloader:
             await asyncio.sleep(min(interval, 0.5))  # let a writer finish: reload only a file that stood still
             if await asyncio.to_thread(file_stamp, self._config.model) != stamp:
                 continue
-            self._stamp = stamp
-            await self.reload("file change")
+            await self.reload("file change", only_if_changed=True)
 
-    async def reload(self, trigger: str) -> bool:
-        """Load, check, warm up and swap in the model file; True when the new model serves (or nothing changed)."""
+    async def reload(self, trigger: str, *, only_if_changed: bool = False) -> bool:
+        """Load, check, warm up and swap in the model file; True when the new model serves (or nothing changed).
+
+        `only_if_changed` (the poller): skip a file that a reload already took, e.g. a SIGHUP
+        that arrived while the poller let the file settle, so one file is tried once.
+        """
         async with self._lock:
             started = time.monotonic()
             old = self._service.model
             stamp = await asyncio.to_thread(file_stamp, self._config.model)
+            if only_if_changed and stamp == self._stamp:
+                return True
             try:
                 new = await asyncio.to_thread(self._prepare, old)
             except asyncio.CancelledError:
