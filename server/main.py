@@ -39,6 +39,7 @@ log = logging.getLogger("bitmoji-serve")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+WATCH_FLUSH_S = 0.2
 
 
 class _Formatter(logging.Formatter):
@@ -176,6 +177,9 @@ async def serve(config: ServerConfig) -> None:
         log.info("stopping: health NOT_SERVING, new calls refused, draining %d accepted calls (grace period %g s)",
                  service.active, config.grace_period_s)
         drained = await service.drain(config.grace_period_s)
+        # Watch streams learn NOT_SERVING on their next loop turn; a moment lets that reach the wire
+        # before the cancel below, or a load balancer watching health only sees the connection drop.
+        await asyncio.sleep(WATCH_FLUSH_S)
         await server.stop(None)  # what is left: health Watch streams, or calls past the grace period
         await stopping
         batcher.close(timeout=config.grace_period_s)
