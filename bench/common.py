@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
-READY_LINE = re.compile(r"ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
+READY_LINE = re.compile(r"^bitmoji-serve: ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
 CLASSIFY = "/bitmoji.v1.Classifier/Classify"
 PROBE = "/bitmoji.v1.Classifier/GradientProbe"
 

@@ -40,6 +40,7 @@ class ServerConfig:
     max_probe_inputs: int = 8
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
+    workers: int = 1  # server processes sharing the port (see server.workers)
     decode_workers: int | None = None  # None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
     input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
@@ -58,7 +59,7 @@ class ServerConfig:
     warmup_delay_s: float = 0.0  # test-only: stay NOT_SERVING this much longer
 
     def __post_init__(self):
-        positive = ("max_batch_size", "max_queue", "max_items_per_call", "max_probe_inputs", "max_message_bytes", "max_image_pixels")
+        positive = ("workers", "max_batch_size", "max_queue", "max_items_per_call", "max_probe_inputs", "max_message_bytes", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -167,6 +168,8 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("max-probe-inputs", int, "most inputs in one GradientProbe request")
     flag("max-message-bytes", int, "largest gRPC message, received or sent")
     flag("max-image-pixels", int, "largest image (width x height) to decode; checked before decoding")
+    flag("workers", int, "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
+         "each gets its share of the cores")
     flag("decode-workers", int, "threads decoding images (default: one per core)")
     flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
     flag("input-shape", _shape, "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)")

@@ -217,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     code = 0
     try:
-        asyncio.run(serve(config))
+        if config.workers > 1:
+            from server.workers import supervise
+
+            on_cuda = resolve_device(config.device).type == "cuda"
+            code = asyncio.run(supervise(config, sys.argv[1:] if argv is None else list(argv), on_cuda=on_cuda))
+        else:
+            asyncio.run(serve(config))
     except (ModelFileError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError
         log.error("%s", exc)
         code = 1

@@ -20,7 +20,7 @@ from trainer.models import ToyNetwork, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
-READY_LINE = re.compile(r"ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
+READY_LINE = re.compile(r"^bitmoji-serve: ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
 
 
 def export_test_model(arch: str, path: Path, seed: int = 0, class_names=("eva", "not_eva")) -> Path:

@@ -1,0 +1,101 @@
+"""`bitmoji-serve --workers N`: several processes on one port, one metrics endpoint summing them,
+a dead worker restarted, a worker that cannot start failing the whole server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
+from conftest import ROOT
+from server.config import ServerConfig
+from server.workers import worker_threads
+from test_server import image_input, sample, scrape, synthetic_images
+from trainer.modelfile import load_model
+from trainer.preprocess import load_image, to_model_input
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _classify_on_fresh_channels(target: str, request: pb.ClassifyRequest, calls: int) -> list[pb.ClassifyResponse]:
+    """One channel (so one TCP connection) per call: the kernel spreads connections over the workers."""
+    responses = []
+    for _ in range(calls):
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            responses.append(pb_grpc.ClassifierStub(channel).Classify(request, timeout=30))
+    return responses
+
+
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr("server.workers.cpu_count", lambda: 16)
+    assert worker_threads(ServerConfig(model="m", workers=4), on_cuda=False) == (2, 4)
+    assert worker_threads(ServerConfig(model="m", workers=4), on_cuda=True) == (1, 4)
+    assert worker_threads(ServerConfig(model="m", workers=32), on_cuda=False) == (1, 1)
+    assert worker_threads(ServerConfig(model="m", workers=4, torch_threads=3, decode_workers=5), on_cuda=False) == (3, 5)
+
+
+def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worker(server_factory, mlp_model_file):
+    server = server_factory(mlp_model_file, "--workers", "2", timeout=120)
+    output = server.output()
+    assert output.count(": ready on ") == 3 and "worker 1: ready on" in output and "worker 2: ready on" in output
+    workers = _children(server.proc.pid)
+    assert len(workers) == 2
+
+    images = synthetic_images(3)
+    request = pb.ClassifyRequest(inputs=[image_input(data) for data in images])
+    module = load_model(mlp_model_file).module
+    with torch.inference_mode():
+        expected = module(to_model_input(torch.stack([load_image(data) for data in images]))).reshape(-1).tolist()
+    calls = 12
+    for response in _classify_on_fresh_channels(server.target, request, calls):
+        assert [p.logit for p in response.predictions] == pytest.approx(expected, abs=1e-5)
+
+    samples = scrape(server)  # the supervisor's endpoint: both workers' files, summed
+    assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls
+    assert sample(samples, "bitmoji_items_total") == 3 * calls
+    assert sample(samples, "bitmoji_request_duration_seconds_count", method="Classify") == calls
+    threads_each, _ = worker_threads(ServerConfig(model="m", workers=2), on_cuda=False)
+    assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # a live gauge: summed over the two workers
+    assert [labels for (name, labels), value in samples.items() if name == "bitmoji_model_info" and value == 1]
+
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.output().count(": ready on ") < 4:
+        time.sleep(0.1)
+    assert "exited with -9: restarting it" in server.output(), server.output()
+    assert server.output().count(": ready on ") == 4, server.output()
+    restarted = _children(server.proc.pid)
+    assert len(restarted) == 2 and workers[0] not in restarted
+    assert len(_classify_on_fresh_channels(server.target, request, 4)) == 4
+    samples = scrape(server)
+    assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # the dead worker's live gauge is gone
+    assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls + 4  # its counts stay
+
+    assert server.stop() == 0, server.output()
+    assert "bitmoji-serve: stopped (2 workers, 1 restarted)" in server.output()
+    for pid in restarted:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a model")
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model", str(bad), "--port", "0", "--metrics-port", "0", "--workers", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "worker 1: error:" in result.stderr or "worker 2: error:" in result.stderr
+    assert "before it was ready: stopping all workers" in result.stderr
+    assert "ready on" not in result.stderr
