@@ -234,13 +234,17 @@ def median(values):
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its threads (Linux /proc)."""
+    """User + system CPU seconds of a process, its threads and its live child processes (`--workers`; Linux /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return float("nan")
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        children = []
+    return (int(fields[11]) + int(fields[12])) / ticks + sum(proc_cpu_seconds(c) for c in children)
 
 
 def write_json(path: str | os.PathLike | None, result: dict) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import Counter
 
-from bench.common import (CLASSIFY, classify_request, cores, export_model, free_port, images_source, loadavg, machine, percentiles,
+from bench.common import (CLASSIFY, classify_request, cores, export_model, images_source, loadavg, machine, percentiles,
                           proc_cpu_seconds, progress, real_images, start_server, write_json)
 
 DEFAULT_LEVELS = (1, 8, 32, 64)
@@ -220,9 +220,8 @@ def auto_procs(concurrency: int) -> int:
 
 def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None = None, duration: float = 5.0,
         warmup: float = 1.0, n_images: int = 8, data=None, procs: int | None = None, channels: int = 2,
-        server_args: list[str] = (), server_cwd: str | None = None, label: str | None = None, server_procs: int = 1) -> dict:
-    """Start the server (or use `target`) and run every level; `server_procs` > 1 starts that many server
-    processes on one port (gRPC sets SO_REUSEPORT on Linux, so the kernel spreads the connections over them)."""
+        server_args: list[str] = (), server_cwd: str | None = None, label: str | None = None) -> dict:
+    """Start the server (or use `target`) and run every level (`--server-arg=--workers=2`: two server processes)."""
     images = real_images(data, n_images)
     requests = [classify_request(b) for b in images]
     servers = []
@@ -232,10 +231,8 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
             if model in (None, "mlp", "cnn"):
                 tmp = tempfile.TemporaryDirectory()
                 model = str(export_model(model or "mlp", tmp.name))
-            progress(f"load: starting {server_procs} server process(es) on {model} {' '.join(server_args)}")
-            extra = ["--port", str(free_port())] if server_procs > 1 else []
-            for _ in range(server_procs):
-                servers.append(start_server(model, [*server_args, *extra], cwd=server_cwd))
+            progress(f"load: starting the server on {model} {' '.join(server_args)}")
+            servers.append(start_server(model, list(server_args), cwd=server_cwd))
             target = servers[0].target
         info = check_target(target, images[0])
         rows = []
@@ -298,8 +295,6 @@ def main(argv=None) -> dict:
     p.add_argument("--channels", type=int, default=2, help="channels (TCP connections) per generator process")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--torch-threads=1")
     p.add_argument("--server-cwd", default=None, help="run `python -m server` from this directory (a patched copy, for experiments)")
-    p.add_argument("--server-procs", type=int, default=1,
-                   help="start this many server processes on one port (SO_REUSEPORT; use --channels >= 2 to reach them all)")
     p.add_argument("--quick", action="store_true", help="--duration 1 --warmup 0.3")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -308,7 +303,7 @@ def main(argv=None) -> dict:
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     result = run(levels, model=args.model, target=args.target, duration=args.duration, warmup=args.warmup,
                  n_images=args.images, data=args.data, procs=args.procs, channels=args.channels,
-                 server_args=args.server_arg, server_cwd=args.server_cwd, server_procs=args.server_procs)
+                 server_args=args.server_arg, server_cwd=args.server_cwd)
     result["machine"] = machine()
     print(f"{'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'gen cpu':>7} {'srv cpu':>7} {'srv cpu ms/img':>14}")
     for r in result["rows"]:

@@ -7,6 +7,7 @@ Steps, in order (each also writes bench/results/<step>.json):
   inprocess   the in-process limit (decode, forward, decode+forward; processes = cores)
   load_mlp    the server on the lecture's MLP at concurrency 1, 8, 32, 64 (separate generator processes)
   load_cnn    the same on the project's CNN
+  load_mlp_workers  load_mlp with `--workers N`, N = cores (one server process per core, one port)
   probe       GradientProbe vs Classify latency, one image
   coldstart   process start -> SERVING for the MLP, with a breakdown
   train_loop  the project's training loop vs the lecture's (same model, data, batch size, seed)
@@ -28,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA, RESULTS, ROOT, export_model, loadavg, machine, progress, write_json
+from bench.common import DEFAULT_DATA, RESULTS, ROOT, cores, export_model, loadavg, machine, progress, write_json
 
-STEPS = ("inprocess", "load_mlp", "load_cnn", "probe", "coldstart", "train_loop")
+STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "load_cnn", "probe", "coldstart", "train_loop")
+LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
 
 
 def _settings(quick: bool) -> dict:
@@ -90,13 +92,15 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
     if step == "inprocess":
         r = inprocess.run(mlp, images, duration=s["inproc_duration"], warmup=s["inproc_warmup"])
         out["commands"][step] = f"python -m bench.inprocess --model mlp --duration {s['inproc_duration']:g} --warmup {s['inproc_warmup']:g}"
-    elif step in ("load_mlp", "load_cnn"):
+    elif step in LOAD_STEPS:
         arch = step.split("_")[1]
         levels = load.DEFAULT_LEVELS if arch == "mlp" else s["cnn_levels"]
+        args = [*server_args, f"--workers={cores()}"] if step.endswith("_workers") else list(server_args)
         r = load.run(levels, model=mlp if arch == "mlp" else cnn, duration=s["load_duration"], warmup=s["load_warmup"],
-                     data=data, server_args=server_args)
+                     data=data, server_args=args)
         out["commands"][step] = (f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "
-                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}{sa}")
+                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
+                                 + "".join(f" --server-arg={a}" for a in args))
     elif step == "probe":
         r = probe.run(mlp, s["probe_calls"], data, server_args)
         out["commands"][step] = f"python -m bench.probe --model mlp --calls {s['probe_calls']}{sa}"
@@ -133,14 +137,16 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     ceiling = (r.get("inprocess") or {}).get("ceiling_images_per_s")
     by_c = {row["concurrency"]: row for row in (r.get("load_mlp") or {}).get("rows", [])}
+    workers = {row["concurrency"]: row for row in (r.get("load_mlp_workers") or {}).get("rows", [])}
     for c in (32, 64):
-        row = by_c.get(c)
-        if row:
-            t = row["images_per_s"]
-            rows.append((f"MLP throughput, concurrency {c}", f"{t:.0f} img/s", ">= 3000 img/s", _verdict(t >= 3000)))
-            if ceiling:
-                rows.append((f"... vs the in-process ceiling ({ceiling:.0f} img/s, same run)", f"{t / ceiling:.2f}x", ">= 0.8x",
-                             _verdict(t / ceiling >= 0.8)))
+        for label, table in (("", by_c), (f", --workers {r['machine']['cores']}", workers)):
+            row = table.get(c)
+            if row:
+                t = row["images_per_s"]
+                rows.append((f"MLP throughput, concurrency {c}{label}", f"{t:.0f} img/s", ">= 3000 img/s", _verdict(t >= 3000)))
+                if ceiling:
+                    rows.append((f"... vs the in-process ceiling ({ceiling:.0f} img/s, same run)", f"{t / ceiling:.2f}x", ">= 0.8x",
+                                 _verdict(t / ceiling >= 0.8)))
     ceiling_cpu = (r.get("inprocess") or {}).get("ceiling_cpu_ms_per_image")
     for c in (32, 64):
         row = by_c.get(c)
@@ -156,9 +162,10 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
         if wait is not None:
             rows.append(("lonely caller: mean queue wait in the server, concurrency 1", f"{wait:.3f} ms", "< 0.5 ms (no batching delay)",
                          _verdict(wait < 0.5)))
-    if 32 in by_c:
-        p99 = by_c[32]["p99"]
-        rows.append(("p99 latency, concurrency 32", f"{p99:.2f} ms", "<= 25 ms", _verdict(p99 <= 25)))
+    for label, table in (("", by_c), (f", --workers {r['machine']['cores']}", workers)):
+        if 32 in table:
+            p99 = table[32]["p99"]
+            rows.append((f"p99 latency, concurrency 32{label}", f"{p99:.2f} ms", "<= 25 ms", _verdict(p99 <= 25)))
     if r.get("probe"):
         ratio = r["probe"]["p50_ratio"]
         rows.append(("GradientProbe p50 / Classify p50, one image", f"{ratio:.2f}x", "<= 3x", _verdict(ratio <= 3)))
@@ -215,7 +222,8 @@ def markdown(r: dict, plot: str | None) -> str:
         L.append(f"The ceiling the server is held to (0.8x): **{ip['ceiling_images_per_s']:.0f} img/s** "
                  f"(decode + forward in {ip['cores']} one-thread processes) at this load; from its CPU time per image, "
                  f"{ip['cores']} idle cores would do about {_fmt(ip.get('ceiling_idle_estimate_images_per_s'), '.0f')} img/s.")
-    for step, title in (("load_mlp", "Server under load: MLP"), ("load_cnn", "Server under load: CNN")):
+    for step, name in LOAD_STEPS.items():
+        title = "Server under load: " + name.format(cores=m["cores"])
         lr = r.get(step)
         if not lr:
             continue
@@ -268,7 +276,7 @@ def plot(r: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(k.split("_")[1].upper(), r[k]["rows"]) for k in ("load_mlp", "load_cnn") if r.get(k)]
+    series = [(name.format(cores=r["machine"]["cores"]), r[k]["rows"]) for k, name in LOAD_STEPS.items() if r.get(k)]
     if not series:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -41,9 +41,9 @@ def test_inprocess_smoke(mlp_model_file, tmp_path):
 
 def test_load_smoke(mlp_model_file, tmp_path):
     out = tmp_path / "load.json"
-    # concurrency 4 from two generator processes: the split path too
+    # concurrency 4 from two generator processes: the split path too; two server workers: their CPU and metrics add up
     load.main(["--model", str(mlp_model_file), "--concurrency", "1,4", "--procs", "2", "--duration", "0.6", "--warmup", "0.2",
-               "--json", str(out)])
+               "--server-arg=--workers=2", "--json", str(out)])
     r = read(out)
     assert [row["concurrency"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["generator_processes"] == 1 and r["rows"][1]["generator_processes"] == 2
@@ -119,21 +119,24 @@ def test_run_all_report_and_plot(tmp_path):
     r = {
         "machine": {"cpu": "test cpu", "cores": 2, "loadavg": [1.0, 1.0, 1.0], "python": "3", "torch": "2", "grpcio": "1", "platform": "x"},
         "quick": True, "started": "then", "finished": "now", "data": "d", "loadavg_end": [1, 1, 1],
-        "commands": {"inprocess": "a", "load_mlp": "b", "probe": "c"},
+        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c"},
         "inprocess": {"batch": 64, "duration_s": 1, "cores": 2, "ceiling_images_per_s": 3500.0,
                       "rows": {"decode_2proc": {"images_per_s": 5000.0, "loadavg": [1, 1, 1]}}},
         "load_mlp": {"rows": rows, "server_ready_s": 2.0},
+        "load_mlp_workers": {"rows": [{**r, "images_per_s": 2 * r["images_per_s"]} for r in rows], "server_ready_s": 3.0},
         "probe": {"classify_ms": percentiles([1.0]), "probe_ms": percentiles([2.0]), "p50_ratio": 2.0, "calls": 1, "loadavg": [1, 1, 1]},
     }
     verdicts = {t[0]: t[3] for t in run_all.targets(r)}
     assert verdicts["MLP throughput, concurrency 32"] == "**met**"
     assert verdicts["MLP throughput, concurrency 64"] == "**not met**"
+    assert verdicts["MLP throughput, concurrency 64, --workers 2"] == "**met**"
     assert verdicts["p50 latency, concurrency 1"] == "**met**"
     assert verdicts["GradientProbe p50 / Classify p50, one image"] == "**met**"
     png = run_all.plot(r, tmp_path / "throughput.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = run_all.markdown(r, "throughput.png")
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
+    assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
 
 
 def test_real_images_are_128_pngs():
