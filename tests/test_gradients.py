@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer import modelfile
-from trainer.gradients import ProbeError, gradient_probe
+from trainer.gradients import STATS_CHUNK, ProbeError, gradient_probe, gradient_stats
 from trainer.models import ToyNetwork
 
 # The lecture's hand-computed gradients for x = 1, y = 3, MSE loss.
@@ -71,3 +71,18 @@ def test_input_gradient_is_the_saliency():
 def test_bad_probe_requests(targets, loss, message):
     with pytest.raises(ProbeError, match=message.replace("[", r"\[")):
         gradient_probe(ToyNetwork.lecture(), torch.tensor([[1.0]]), targets, loss=loss)
+
+
+@pytest.mark.parametrize("numel", [1, 7, STATS_CHUNK, 2 * STATS_CHUNK + 13])
+def test_gradient_stats_equal_the_plain_formulas_across_chunk_boundaries(numel):
+    torch.manual_seed(numel)
+    g = torch.randn(numel) * 3
+    g[numel // 2] = -50.0  # the largest magnitude is negative: max |g| must not be max g
+    norm, max_abs, mean_abs = gradient_stats(g.reshape(-1, 1) if numel % 2 else g)
+    assert norm == pytest.approx(float(g.norm()), rel=1e-5)
+    assert max_abs == 50.0
+    assert mean_abs == pytest.approx(float(g.abs().mean()), rel=1e-5)
+
+
+def test_gradient_stats_of_an_empty_gradient_are_zero():
+    assert gradient_stats(torch.empty(0, 3)) == (0.0, 0.0, 0.0)

@@ -10,6 +10,7 @@ inference cannot corrupt one another.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +25,46 @@ class ProbeError(ValueError):
     """Inputs, targets or loss that a probe cannot use; the message says which."""
 
 
+STATS_CHUNK = 1 << 18  # elements per |g| chunk: big enough to vectorise, small enough to stay in cache
+
+
+def gradient_stats(gradient: torch.Tensor) -> tuple[float, float, float]:
+    """(L2 norm, max |g|, mean |g|) without a temporary the size of the gradient.
+
+    The MLP's first weight gradient is 25 MB: `g.abs().max()` and
+    `g.abs().mean()` allocated two such copies per probe, and in a busy server
+    those fresh pages cost more than the backward pass itself.
+    """
+    n = gradient.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    flat = gradient.detach().reshape(-1)
+    low, high = torch.aminmax(flat)
+    buffer = torch.empty(min(STATS_CHUNK, n), dtype=flat.dtype, device=flat.device)
+    abs_sum = sum(float(torch.abs(chunk, out=buffer[: chunk.numel()]).sum(dtype=torch.float64)) for chunk in flat.split(STATS_CHUNK))
+    return float(torch.linalg.vector_norm(flat)), max(-float(low), float(high)), abs_sum / n
+
+
 @dataclass
 class ParameterGradient:
     name: str
     gradient: torch.Tensor  # same shape as the parameter
 
+    @cached_property
+    def _stats(self) -> tuple[float, float, float]:
+        return gradient_stats(self.gradient)
+
     @property
     def norm(self) -> float:
-        return float(self.gradient.norm())
+        return self._stats[0]
 
     @property
     def max_abs(self) -> float:
-        return float(self.gradient.abs().max()) if self.gradient.numel() else 0.0
+        return self._stats[1]
 
     @property
     def mean_abs(self) -> float:
-        return float(self.gradient.abs().mean()) if self.gradient.numel() else 0.0
+        return self._stats[2]
 
 
 @dataclass
