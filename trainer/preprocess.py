@@ -83,7 +83,9 @@ def _decode_with_pillow(data: bytes) -> torch.Tensor:
         rgb = img if img.mode == "RGB" else img.convert("RGB")  # an RGB image needs no converted copy
         pixels = bytearray(rgb.tobytes())
         height, width = rgb.height, rgb.width
-    return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+    # Contiguous CHW here, on a decode thread: stacking 32 permuted HWC views into a batch took
+    # 1.2 ms on the (serial) model thread, 0.07 ms once they are contiguous; the copy costs 0.04 ms.
+    return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1).contiguous()
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
