@@ -8,6 +8,7 @@ Steps, in order (each also writes bench/results/<step>.json):
   load_mlp    the server on the lecture's MLP at concurrency 1, 8, 32, 64 (separate generator processes)
   load_cnn    the same on the project's CNN
   load_mlp_workers  load_mlp with `--workers N`, N = cores (one server process per core, one port)
+  grpc_floor  the same load on a no-op Classifier: what gRPC alone costs one process
   probe       GradientProbe vs Classify latency, one image
   coldstart   process start -> SERVING for the MLP, with a breakdown
   train_loop  the project's training loop vs the lecture's (same model, data, batch size, seed)
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_DATA, RESULTS, ROOT, cores, export_model, loadavg, machine, progress, write_json
 
-STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "load_cnn", "probe", "coldstart", "train_loop")
+STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
 
 
@@ -87,7 +88,7 @@ def run_suite(*, quick: bool, data: Path, steps=STEPS, results: Path = RESULTS, 
 
 def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> None:
     """Run one step; its result goes to out[step], its command line to out["commands"][step]."""
-    from bench import coldstart, inprocess, load, probe, train_loop
+    from bench import coldstart, grpc_floor, inprocess, load, probe, train_loop
 
     if step == "inprocess":
         r = inprocess.run(mlp, images, duration=s["inproc_duration"], warmup=s["inproc_warmup"])
@@ -101,6 +102,11 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
         out["commands"][step] = (f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "
                                  f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
                                  + "".join(f" --server-arg={a}" for a in args))
+    elif step == "grpc_floor":
+        levels = (1, 32, 64)
+        r = grpc_floor.run(levels, duration=s["load_duration"], warmup=s["load_warmup"], data=data)
+        out["commands"][step] = (f"python -m bench.grpc_floor --concurrency {','.join(map(str, levels))} "
+                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}")
     elif step == "probe":
         r = probe.run(mlp, s["probe_calls"], data, server_args)
         out["commands"][step] = f"python -m bench.probe --model mlp --calls {s['probe_calls']}{sa}"
@@ -238,6 +244,16 @@ def markdown(r: dict, plot: str | None) -> str:
                      f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
                      f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
                      f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |")
+    gf = r.get("grpc_floor")
+    if gf:
+        L += ["", "## The gRPC floor: a Classifier that does nothing", "", f"`{r['commands']['grpc_floor']}`: the same generator and "
+              "requests against a grpc.aio servicer that answers without decoding or running a model: the most one server "
+              "process can do, and the CPU per call that no model or decoder change removes.", "",
+              "| concurrency | calls/s | p50 ms | p99 ms | server CPU (cores) | server CPU ms/call | load average |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in gf["rows"]:
+            L.append(f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} "
+                     f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} | {row['loadavg']} |")
     pr = r.get("probe")
     if pr:
         L += ["", "## GradientProbe vs Classify (one image, concurrency 1, interleaved)", "", f"`{r['commands']['probe']}`", "",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import coldstart, inprocess, load, probe, run_all, train_loop
+from bench import coldstart, grpc_floor, inprocess, load, probe, run_all, train_loop
 from bench.common import percentiles, real_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,15 @@ def load_server(model):
     from bench.common import start_server
 
     return start_server(model, metrics=False)
+
+
+def test_grpc_floor_smoke(tmp_path):
+    out = tmp_path / "floor.json"
+    grpc_floor.main(["--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.1", "--json", str(out)])
+    rows = read(out)["rows"]
+    assert [row["concurrency"] for row in rows] == [1, 4]
+    for row in rows:
+        assert row["error_count"] == 0 and row["images_per_s"] > 0 and row["server_cpu_cores"] > 0
 
 
 def test_probe_smoke(mlp_model_file, tmp_path):
@@ -147,7 +156,7 @@ def test_real_images_are_128_pngs():
             assert img.format == "PNG" and img.size == (128, 128)
 
 
-@pytest.mark.parametrize("module", ["inprocess", "load", "probe", "coldstart", "run_all", "train_loop"])
+@pytest.mark.parametrize("module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop"])
 def test_every_script_has_help(module):
     r = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout
