@@ -177,7 +177,11 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("GradientProbe p50 / Classify p50, one image", f"{ratio:.2f}x", "<= 3x", _verdict(ratio <= 3)))
     if r.get("train_loop"):
         sp = r["train_loop"]["speedup"]
-        rows.append(("training loop speed-up vs the lecture's", f"{sp:.2f}x", ">= 2x", _verdict(sp >= 2)))
+        rows.append((f"training loop speed-up vs the lecture's ({r['train_loop'].get('epochs', '?')} epochs, one-off decode included)",
+                     f"{sp:.2f}x", ">= 2x", _verdict(sp >= 2)))
+        per_epoch = r["train_loop"].get("speedup_per_epoch")
+        if per_epoch:
+            rows.append(("... per epoch once decoded (what longer runs tend to)", f"{per_epoch:.2f}x", ">= 2x", _verdict(per_epoch >= 2)))
     if r.get("coldstart"):
         cs = r["coldstart"]["serving_s_median"]
         rows.append(("cold start to SERVING, MLP", f"{cs:.2f} s", "<= 5 s", _verdict(cs <= 5)))
@@ -279,7 +283,8 @@ def markdown(r: dict, plot: str | None) -> str:
               "| loop | seconds | images/s | valid accuracy |", "| --- | --- | --- | --- |"]
         for row in tl["rows"]:
             L.append(f"| {row['loop']} | {row['seconds']:.1f} | {row['images_per_s']:.0f} | {row['valid_accuracy']:.3f} |")
-        L += ["", f"Speed-up {tl['speedup']:.2f}x; load average {tl.get('loadavg')}."]
+        L += ["", f"Speed-up {tl['speedup']:.2f}x with the one-off decode, {_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
+              f"load average {tl.get('loadavg')}."]
     if plot:
         L += ["", "## Throughput and p99 vs concurrency", "", f"![throughput and p99 vs concurrency]({plot})"]
     L += ["", "## Commands", "", "```", *(f"{c}" for c in r["commands"].values()), "```", ""]
