@@ -10,9 +10,6 @@ Rules, in order of importance:
   busy the queue fills by itself, so batches grow with the load;
 - only items of one shape share a batch (raw tensors for models without a
   declared shape may differ);
-- a call that finds the batcher idle, and nothing else in flight (see
-  `ClassifierService`), may skip the queue: `run_now` runs it on the caller's
-  thread, saving the hand-offs to the model thread and back;
 - the queue is bounded (items accepted and not yet in a batch): `admit` refuses
   a call that does not fit, at once;
 - items whose caller cancelled or whose deadline passed are dropped before the
@@ -110,7 +107,6 @@ class Batcher:
         self._admitted = 0  # accepted and not yet in a batch: the bounded quantity
         self._pending = 0  # of those, still being preprocessed (more items on their way)
         self._closed = False
-        self._busy = False  # a batch is running (on the model thread, or by run_now)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, name="bitmoji-model", daemon=True)
 
@@ -165,43 +161,6 @@ class Batcher:
             call.abandoned = True  # its items are dropped when they reach the head of the queue
             raise
 
-    def run_now(self, tensors: list[torch.Tensor]) -> tuple[list, str] | None:
-        """Run admitted items at once on this thread if the batcher is idle (nothing queued, running or
-        on its way but them); returns what `run` would, or None (then call `run`)."""
-        n = len(tensors)
-        with self._cond:
-            if (self._closed or self._busy or self._queue or self._admitted != n or n > self.max_batch_size
-                    or len({t.shape for t in tensors}) != 1):
-                return None
-            self._busy = True
-            self._admitted -= n
-            self._pending -= n
-        start = time.monotonic()
-        try:
-            self._metrics.queue_depth.dec(n)
-            model = self._model
-            try:
-                results = model.predict(build_batch(tensors))
-            except Exception as exc:
-                reason = error_summary(exc)
-                log.error("forward pass failed on a batch of %d items of shape %s: %s", n, list(tensors[0].shape), reason)
-                raise BatchFailed(f"model forward failed: {reason}") from None
-            self._observe_batch(start, n, [start] * n)
-            return results, model.version
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify()
-
-    def _observe_batch(self, start: float, n: int, enqueued: list[float]) -> None:
-        metrics = self._metrics
-        metrics.forward_duration.observe(time.monotonic() - start)
-        metrics.batch_size.observe(n)
-        metrics.items.inc(n)
-        observe_wait = metrics.queue_wait.observe
-        for t in enqueued:
-            observe_wait(start - t)
-
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
@@ -233,20 +192,14 @@ class Batcher:
                     self._fail([item.call for item in leftover], ShuttingDown("the server shut down before this call ran"))
                     return
                 self._wait_for_more()
-                while self._busy:  # run_now is running a lonely call
-                    self._cond.wait()
                 items = self._take()
                 self._admitted -= len(items)
-                self._busy = True
             self._metrics.queue_depth.dec(len(items))
             try:
                 self._execute(items)
             except Exception:  # a bug here must not kill the model thread (every call would hang)
                 log.exception("batcher error")
                 self._fail([item.call for item in items], BatchFailed("internal error in the batcher"))
-            finally:
-                with self._cond:
-                    self._busy = False
 
     def _wait_for_more(self) -> None:
         """Adaptive wait (lock held): only while the batch is not full, more items are coming, and time is left."""
@@ -300,10 +253,15 @@ class Batcher:
             log.error("forward pass failed on a batch of %d items of shape %s: %s", len(live), list(live[0].shape), reason)
             self._fail([item.call for item in live], BatchFailed(f"model forward failed: {reason}"))
             return
-        self._observe_batch(start, len(live), [item.enqueued for item in live])
+        end = time.monotonic()
+        metrics.forward_duration.observe(end - start)
+        metrics.batch_size.observe(len(live))
+        metrics.items.inc(len(live))
+        observe_wait = metrics.queue_wait.observe
         completions = []
         version = model.version
         for item, result in zip(live, results):
+            observe_wait(start - item.enqueued)
             call = item.call
             if call.finished:
                 continue

@@ -112,9 +112,7 @@ async def serve(config: ServerConfig) -> None:
     )
     decode_pool = ThreadPoolExecutor(config.resolved_decode_workers, thread_name_prefix="bitmoji-decode")
     probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe")
-    lonely_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-lonely")
-    service = ClassifierService(config, batcher, metrics, decode_pool=decode_pool, probe_pool=probe_pool, lonely_pool=lonely_pool,
-                                torch_threads=threads)
+    service = ClassifierService(config, batcher, metrics, decode_pool=decode_pool, probe_pool=probe_pool, torch_threads=threads)
     reloader = ModelReloader(config, service, metrics)
     if early_hup:
         reloader.request("SIGHUP")
@@ -189,7 +187,6 @@ async def serve(config: ServerConfig) -> None:
         batcher.close(timeout=config.grace_period_s)
         decode_pool.shutdown(wait=False, cancel_futures=True)
         probe_pool.shutdown(wait=False, cancel_futures=True)
-        lonely_pool.shutdown(wait=False, cancel_futures=True)
         if httpd is not None:
             await asyncio.to_thread(httpd.shutdown)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -36,7 +36,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 LOSSES = {pb.LOSS_BCE: "bce", pb.LOSS_MSE: "mse"}
 STREAM_WINDOW = 64  # StreamClassify messages in flight per stream (so one stream's messages batch together)
 MIN_DECODE_CHUNK = 8  # items per decode job when a call is split across the pool
-LONELY_MAX_ITEMS = 4  # a call alone on the server skips the model thread up to this size (see `infer`)
 
 
 class ServiceError(Exception):
@@ -117,14 +116,13 @@ def _discard(task: asyncio.Future) -> None:
 
 class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics, *, decode_pool: Executor,
-                 probe_pool: Executor, lonely_pool: Executor, torch_threads: int):
+                 probe_pool: Executor, torch_threads: int):
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
         self._decode_pool = decode_pool
         self._decode_workers = config.resolved_decode_workers
         self._probe_pool = probe_pool
-        self._lonely_pool = lonely_pool  # one thread: a lonely call's decode and forward (see `infer`)
         self._torch_threads = torch_threads
         self.active = 0  # RPCs being handled (what a graceful shutdown waits for)
 
@@ -225,34 +223,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         arrived = time.monotonic()
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
-        # The lonely caller (no other RPC in flight) skips the decode pool and the model thread: one thread
-        # of its own decodes and runs it, two thread hand-offs fewer (and the decode pool stays free). One turn of the loop first: calls that arrived meanwhile
-        # start (and count) before we decide, or back-to-back calls would never batch.
-        lonely = n <= LONELY_MAX_ITEMS and self.active == 1
-        if lonely:
-            await asyncio.sleep(0)
-            lonely = self.active == 1
         model = self._batcher.model
         self._batcher.admit(n)
-        if lonely:
-            try:
-                job = self._lonely_pool.submit(self._run_lonely, inputs, n, model.spec)
-            except BaseException:  # the pool is shut down
-                self._batcher.withdraw(n)
-                raise
-            try:
-                tensors, done = await asyncio.wrap_future(job)
-            except asyncio.CancelledError:
-                job.add_done_callback(functools.partial(self._release_unrun, n))
-                raise
-            if done is not None:
-                return (*done, model)
-        else:
-            try:
-                tensors = await self._decode(inputs, model.spec)
-            except BaseException:
-                self._batcher.withdraw(n)
-                raise
+        try:
+            tensors = await self._decode(inputs, model.spec)
+        except BaseException:
+            self._batcher.withdraw(n)
+            raise
         results, version = await self._batcher.run(tensors, arrived=arrived, deadline=deadline)
         return results, version, model
 
@@ -271,21 +248,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if isinstance(part, BaseException):
                 raise part
         return [tensor for part in parts for tensor in part]
-
-    def _run_lonely(self, inputs, n: int, spec: InputSpec) -> tuple[list[torch.Tensor], tuple | None]:
-        """On the lonely thread: decode a call's items and run them at once if the batcher is still idle
-        (else the loop queues them: the second item of the result is None)."""
-        try:
-            tensors = self._decode_range(inputs, 0, n, spec)
-        except BaseException:
-            self._batcher.withdraw(n)
-            raise
-        return tensors, self._batcher.run_now(tensors)
-
-    def _release_unrun(self, n: int, job) -> None:
-        """A lonely call was cancelled: give back its queue room unless its job already did (or ran it)."""
-        if job.cancelled() or (job.exception() is None and job.result()[1] is None):
-            self._batcher.withdraw(n)
 
     def _decode_range(self, inputs, start: int, stop: int, spec: InputSpec) -> list[torch.Tensor]:
         observe = self._metrics.preprocess_duration.observe

@@ -169,32 +169,6 @@ def test_the_queue_is_bounded_and_withdrawn_items_free_it(tmp_path):
     assert metrics.registry.get_sample_value("bitmoji_queue_depth") == 0
 
 
-def test_run_now_runs_a_lonely_call_at_once_and_declines_when_anything_else_is_about(tmp_path):
-    async def scenario(batcher):
-        batcher.admit(2)
-        alone = batcher.run_now(items(1, 2))
-        batcher.admit(1)
-        batcher.admit(1)  # another call on its way: no skipping the queue past it
-        declined_other = batcher.run_now(items(3))
-        batcher.withdraw(1)
-        queued = await batcher.run(items(3), arrived=time.monotonic())
-        batcher.admit(3)
-        declined_too_big = batcher.run_now(items(1, 2, 3))  # more than max_batch_size
-        batcher.withdraw(3)
-        batcher.admit(2)
-        declined_shapes = batcher.run_now(items(1) + items(1, shape=(3,)))
-        batcher.withdraw(2)
-        return alone, declined_other, queued, declined_too_big, declined_shapes
-
-    (alone, declined_other, queued, too_big, shapes), metrics = run_batcher(served(tmp_path), scenario, max_batch_size=2)
-    assert logits(alone[0]) == [2.0, 4.0] and alone[1] == "sum-1.0"
-    assert declined_other is None and too_big is None and shapes is None
-    assert logits(queued[0]) == [6.0]
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_count") == 2  # the lonely batch is counted like any other
-    assert metrics.registry.get_sample_value("bitmoji_items_total") == 3
-    assert metrics.registry.get_sample_value("bitmoji_queue_depth") == 0
-
-
 def test_swap_model_serves_the_new_model_from_the_next_batch(tmp_path):
     new = served(tmp_path, scale=10.0)
 
