@@ -27,7 +27,7 @@ from torch import nn
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import export_test_model, start_server
-from test_hardening_input import rss_bytes, settled_rss, small_image
+from test_hardening_input import rss_bytes, small_image
 from test_server import image_input, sample, scrape
 from test_server_faults import FaultyNet, request, running_alone, wait_until
 from trainer import modelfile
@@ -109,7 +109,7 @@ async def _load(target: str, callers: int, seconds: float, row, max_calls: int) 
 def test_more_callers_than_the_queue_holds_get_ok_or_resource_exhausted_and_memory_stays_flat(slow, slow_model):
     row = [0.25, ms(slow_model, 2)]  # 2 ms per batch of 4: the model, not the callers, is the bottleneck
     asyncio.run(_load(slow.target, 64, 1.0, row, 10_000))  # warm-up: threads, channels and allocator arenas settle
-    before = settled_rss(slow.proc.pid)
+    before = rss_bytes(slow.proc.pid)
     started = time.monotonic()
     outcomes = asyncio.run(_load(slow.target, 64, 4.0, row, 10_000))
     took = time.monotonic() - started
