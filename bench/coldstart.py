@@ -12,7 +12,7 @@ model (`trainer.modelfile.load_model`); the warm-up (`ServedModel.warmup`). The 
 (on a busy machine one import of torch varies by seconds: the parts are medians of --runs).
 Plus the slowest modules of `python -X importtime -c "import server.main"` (self time).
 torchvision (1.7-2 s: it pulls in torchvision.models, torchvision.ops and
-torch._dynamo) is off this path: the server imports it on a thread once SERVING.
+torch._dynamo) is off this path: the server imports it on its first JPEG, WebP or GIF.
 
     python -m bench.coldstart --model mlp --runs 3
 """
@@ -96,7 +96,7 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     """A fresh interpreter doing the server's start-up steps in turn, timed (so the parts add up); per-part medians of `runs`."""
     cwd = server_cwd or ROOT
     out = {"interpreter_s": statistics.median(_python_seconds("pass", cwd) for _ in range(runs))}
-    # torchvision is not on the path: the server imports it on a thread after SERVING (trainer.preprocess)
+    # torchvision is not on the path: the server imports it on its first JPEG/WebP/GIF (trainer.preprocess)
     names = ["import_torch_s", "import_grpc_s", "import_server_rest_s", "load_model_s", "warmup_s"]
     samples = []
     for _ in range(runs):

@@ -34,7 +34,6 @@ from server.reload import ModelReloader
 from server.security import TokenAuthInterceptor, describe, server_credentials, tokens
 from server.service import SERVICE_NAME, ClassifierService
 from trainer.modelfile import ModelFileError, load_model
-from trainer.preprocess import import_in_background
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -161,7 +160,6 @@ async def serve(config: ServerConfig) -> None:
             for name in ("", *services):
                 await health_servicer.set(name, SERVING)
             reloader.start()
-            import_in_background()  # torchvision, for JPEGs and odd-sized images (see trainer.preprocess)
             metrics_url = f"http://{_address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
             reload_mode = f"SIGHUP or file change (every {config.reload_poll_s:g} s)" if config.reload_poll_s else "SIGHUP"
             log.info(

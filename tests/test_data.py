@@ -46,6 +46,15 @@ def test_decode_matches_pillow_for_png():
     assert decoded.is_contiguous()  # batches are stacked from these on the model thread: a strided stack is 17x slower
 
 
+@pytest.mark.parametrize("size", [(128, 129), (129, 128), (300, 200), (64, 64), (37, 41)])
+def test_resize_equals_torchvisions_resize(size):
+    from torchvision.transforms.v2 import functional as F
+
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(sum(size)))
+    expected = F.resize(image, [128, 128], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(preprocess.resize(image), expected)
+
+
 def test_model_input_is_the_lectures_to_tensor():
     from torchvision import transforms
 

@@ -4,16 +4,18 @@ An image (any format and mode Pillow reads) becomes a uint8 RGB tensor of shape
 [3, 128, 128]; the model input is that divided by 255 (the lecture's
 `Resize` + `ToTensor`). Keeping decode and resize as uint8 lets the trainer keep
 a whole data set in memory cheaply and lets the server batch the float
-conversion. torchvision.io decodes PNG/JPEG/WebP/GIF without holding the GIL;
-Pillow is the fallback for every other format and the guard against
-decompression bombs (it reads only the header before we decide to decode).
+conversion. torchvision.io decodes JPEG/WebP/GIF without holding the GIL
+(imported on the first such image); Pillow decodes PNG (see below), is the
+fallback for every other format and the guard against decompression bombs (it
+reads only the header before we decide to decode). Resize is torch's
+antialiased bilinear interpolation, the very function torchvision's `Resize`
+runs on uint8 tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import threading
 import warnings
 
 import torch
@@ -51,20 +53,12 @@ warnings.filterwarnings(
 
 
 @functools.cache
-def _torchvision():
-    """torchvision's decoders and resize, imported on first use: the import is a third of the server's
-    cold start (1.7 s of 5 s measured), and a server fed 128x128 PNGs never needs it."""
+def _torchvision_io():
+    """torchvision's JPEG/WebP/GIF decoders, imported on the first such image: the import is 1.7-2 s
+    (a third of the server's cold start) and holds the GIL, so a server fed PNGs never pays it."""
     from torchvision import io as tvio
-    from torchvision.transforms.v2 import functional as F
 
-    return tvio, F
-
-
-def import_in_background() -> threading.Thread:
-    """Import torchvision on a thread now, so the first JPEG or odd-sized image does not wait for it."""
-    thread = threading.Thread(target=_torchvision, name="bitmoji-import", daemon=True)
-    thread.start()
-    return thread
+    return tvio
 
 
 class ImageError(ValueError):
@@ -111,7 +105,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.
     try:
         if fmt in _FAST_FORMATS:
             try:
-                tvio, _ = _torchvision()
+                tvio = _torchvision_io()
                 img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
                 if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
                     return img
@@ -126,8 +120,9 @@ def resize(image: torch.Tensor, size: tuple[int, int] = IMAGE_SIZE) -> torch.Ten
     """uint8 [3, H, W] -> uint8 [3, *size]; a no-op when the size already matches."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    _, F = _torchvision()
-    return F.resize(image, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    # torchvision's F.resize does exactly this for uint8 CPU tensors (tests/test_data.py checks they
+    # are equal); calling torch directly keeps torchvision off the path of PNGs of odd sizes.
+    return torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def load_image(data: bytes, *, size: tuple[int, int] = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
