@@ -163,12 +163,12 @@ def run_level(target: str, requests: list[bytes], concurrency: int, *, duration:
 # -- the server's own view (its /metrics) ------------------------------------------
 
 
-def scrape(servers) -> dict:
-    """Sums and counts of the servers' histograms, added over the server processes (for deltas between two scrapes)."""
+def scrape(server) -> dict:
+    """Sums and counts of the server's histograms (for deltas between two scrapes); {} without a server or metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict = {}
-    text = "".join(server.metrics_text() for server in servers if server.metrics_port)
+    text = server.metrics_text() if server is not None else ""
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name.endswith(("_sum", "_count")) and family.name.startswith("bitmoji_"):
@@ -224,7 +224,7 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
     """Start the server (or use `target`) and run every level (`--server-arg=--workers=2`: two server processes)."""
     images = real_images(data, n_images)
     requests = [classify_request(b) for b in images]
-    servers = []
+    server = None  # the one this benchmark started, if any
     tmp = None
     try:
         if target is None:
@@ -232,17 +232,17 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
                 tmp = tempfile.TemporaryDirectory()
                 model = str(export_model(model or "mlp", tmp.name))
             progress(f"load: starting the server on {model} {' '.join(server_args)}")
-            servers.append(start_server(model, list(server_args), cwd=server_cwd))
-            target = servers[0].target
+            server = start_server(model, list(server_args), cwd=server_cwd)
+            target = server.target
         info = check_target(target, images[0])
         rows = []
         for c in levels:
             p = procs or auto_procs(c)
             progress(f"load: concurrency {c} ({p} generator process(es)), {warmup:g} s warm-up + {duration:g} s...")
-            before = scrape(servers)
+            before = scrape(server)
             row = run_level(target, requests, c, duration=duration, warmup=warmup, procs=p, channels=channels,
-                            server_pids=[s.pid for s in servers])
-            row.update(stage_means(before, scrape(servers)))
+                            server_pids=[server.pid] if server else [])
+            row.update(stage_means(before, scrape(server)))
             rows.append(row)
             progress(f"  {row['images_per_s']:.0f} img/s, p50 {_ms(row['p50'])}, p99 {_ms(row['p99'])}, errors {row['error_count']}, "
                      f"batch {_f(row['mean_batch_size'])}, generator {row['generator_cpu_cores']:.2f} cores, "
@@ -250,12 +250,11 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
         return {
             "benchmark": "load",
             "label": label or " ".join(server_args) or "default flags",
-            "target": target if not servers else "started by the benchmark",
-            "server_processes": len(servers) or None,
+            "target": target if server is None else "started by the benchmark",
             "model": model,
             "server_args": list(server_args),
             "server_cwd": server_cwd,
-            "server_ready_s": max(s.ready_s for s in servers) if servers else None,
+            "server_ready_s": server.ready_s if server else None,
             "server": info,
             "duration_s": duration,
             "warmup_s": warmup,
@@ -265,7 +264,7 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
             "rows": rows,
         }
     finally:
-        for server in servers:
+        if server is not None:
             code = server.stop()
             if code not in (0, None):
                 progress(f"load: the server exited with {code}:\n{''.join(server.log[-20:])}")

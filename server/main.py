@@ -61,11 +61,12 @@ def configure_logging(level: str) -> None:
     log.propagate = False
 
 
-def _address(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def default_torch_threads(device: torch.device) -> int:
+def default_torch_threads(device: torch.device, cores: int | None = None) -> int:
     """Half the cores on CPU (the rest decode and run gRPC), one with CUDA.
 
     The forward pass shares the machine with the decode pool and the event
@@ -73,7 +74,7 @@ def default_torch_threads(device: torch.device) -> int:
     other (measured on a busy 2-core box: the CNN at batch 1 took 6 ms with
     one thread, 325 ms with two).
     """
-    return max(1, cpu_count() // 2) if device.type == "cpu" else 1
+    return max(1, (cores or cpu_count()) // 2) if device.type == "cpu" else 1
 
 
 async def serve(config: ServerConfig) -> None:
@@ -133,8 +134,8 @@ async def serve(config: ServerConfig) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     httpd = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port else None
-    address = _address(config.host, config.port)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    listen = address(config.host, config.port)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     await server.start()
 
     stop = asyncio.Event()
@@ -160,11 +161,11 @@ async def serve(config: ServerConfig) -> None:
             for name in ("", *services):
                 await health_servicer.set(name, SERVING)
             reloader.start()
-            metrics_url = f"http://{_address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
+            metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
             reload_mode = f"SIGHUP or file change (every {config.reload_poll_s:g} s)" if config.reload_poll_s else "SIGHUP"
             log.info(
                 "ready on %s (model %s, device %s, torch threads %d, warmed batch sizes %s, metrics %s, %s, reload on %s)",
-                _address(config.host, port), model.version, device, threads, sizes or "none", metrics_url,
+                address(config.host, port), model.version, device, threads, sizes or "none", metrics_url,
                 describe(config, auth_token, probe_token), reload_mode,
             )
             await stopped
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.workers > 1:
             from server.workers import supervise
 
-            on_cuda = resolve_device(config.device).type == "cuda"
-            code = asyncio.run(supervise(config, sys.argv[1:] if argv is None else list(argv), on_cuda=on_cuda))
+            argv = sys.argv[1:] if argv is None else list(argv)
+            code = asyncio.run(supervise(config, argv, device=resolve_device(config.device)))
         else:
             asyncio.run(serve(config))
     except (ModelFileError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError

@@ -31,7 +31,10 @@ import sys
 import tempfile
 import time
 
+import torch
+
 from server.config import ServerConfig, cpu_count
+from server.main import address, default_torch_threads
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -39,11 +42,10 @@ RESTART_DELAY_S = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def worker_threads(config: ServerConfig, on_cuda: bool) -> tuple[int, int]:
-    """(torch threads, decode threads) per worker: the flags if given, else each worker's share of the cores."""
+def worker_threads(config: ServerConfig, device: torch.device) -> tuple[int, int]:
+    """(torch threads, decode threads) per worker: the flags if given, else the defaults on each worker's share of the cores."""
     share = max(1, cpu_count() // config.workers)
-    torch_threads = config.torch_threads or (1 if on_cuda else max(1, share // 2))
-    return torch_threads, config.decode_workers or share
+    return config.torch_threads or default_torch_threads(device, cores=share), config.decode_workers or share
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -56,12 +58,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, argv: list[str], *, torch_threads: int, decode_workers: int):
+    def __init__(self, config: ServerConfig, argv: list[str], *, port: int, torch_threads: int, decode_workers: int):
         self.config = config
         self.argv = argv
+        self.port = port
         self.torch_threads = torch_threads
         self.decode_workers = decode_workers
-        self.port = config.port
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: set[int] = set()
         self.all_ready = asyncio.Event()
@@ -151,15 +153,14 @@ def _serve_metrics(config: ServerConfig):
     return httpd
 
 
-async def supervise(config: ServerConfig, argv: list[str], *, on_cuda: bool) -> int:
+async def supervise(config: ServerConfig, argv: list[str], *, device: torch.device) -> int:
     """Run `config.workers` workers until a signal; returns the exit code (0 = every worker stopped cleanly)."""
     loop = asyncio.get_running_loop()
-    torch_threads, decode_workers = worker_threads(config, on_cuda)
+    torch_threads, decode_workers = worker_threads(config, device)
     reserved = reserve_port(config.host, config.port)
     metrics_dir = tempfile.mkdtemp(prefix="bitmoji-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by the workers (and this process's collector) at import
-    supervisor = Supervisor(config, argv, torch_threads=torch_threads, decode_workers=decode_workers)
-    supervisor.port = reserved.getsockname()[1]
+    supervisor = Supervisor(config, argv, port=reserved.getsockname()[1], torch_threads=torch_threads, decode_workers=decode_workers)
     started = time.monotonic()
     httpd = None
     signals = {"count": 0}
@@ -180,10 +181,9 @@ async def supervise(config: ServerConfig, argv: list[str], *, on_cuda: bool) -> 
             await supervisor.start(index)
         await supervisor.all_ready.wait()
         if not supervisor.stopping:
-            host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
-            metrics_url = f"http://{config.metrics_host}:{config.metrics_port}/metrics" if httpd else "off"
-            log.info("ready on %s:%d (%d workers, each torch threads %d, decode threads %d; metrics %s; up in %.1f s)",
-                     host, supervisor.port, config.workers, torch_threads, decode_workers, metrics_url, time.monotonic() - started)
+            metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
+            log.info("ready on %s (%d workers, each torch threads %d, decode threads %d; metrics %s; up in %.1f s)",
+                     address(config.host, supervisor.port), config.workers, torch_threads, decode_workers, metrics_url, time.monotonic() - started)
         await supervisor.wait_all()
     finally:
         supervisor.signal_all(signal.SIGTERM)

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.common import free_port  # noqa: F401 (re-exported: tests import it from here)
+from bench.common import start_server as launch_server
 from trainer.export import build_metadata, export_model
 from trainer.models import ToyNetwork, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
-READY_LINE = re.compile(r"^bitmoji-serve: ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
 
 
 def export_test_model(arch: str, path: Path, seed: int = 0, class_names=("eva", "not_eva")) -> Path:
@@ -80,47 +77,11 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, *args: str, env: dict | None = None, timeout: float = 60, metrics: bool = True) -> ServerProcess:
-    """Start `python -m server` on a free loopback port and wait for its ready line."""
-    metrics_port = free_port() if metrics else None
-    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-    if metrics_port:
-        cmd += ["--metrics-port", str(metrics_port)]
-    cmd += list(args)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-    )
-    log: list[str] = []
-    ready = threading.Event()
-    found: dict = {}
-
-    def pump():
-        for line in proc.stdout:
-            log.append(line)
-            m = READY_LINE.search(line)
-            if m and not ready.is_set():
-                found.update(m.groupdict())
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.05):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not become ready:\n" + "".join(log))
-    if not found:
-        proc.wait(5)
-        raise RuntimeError(f"server exited with {proc.returncode} before ready:\n" + "".join(log))
-    return ServerProcess(proc, found["host"].strip("[]"), int(found["port"]), metrics_port, log)
+    """Start `python -m server` on a free loopback port and wait for its ready line (the benchmarks' own launcher)."""
+    server = launch_server(model, list(args), metrics=metrics, timeout=timeout, env=env)
+    host, _, port = server.target.rpartition(":")
+    return ServerProcess(server.proc, host, int(port), server.metrics_port, server.log)
 
 
 @pytest.fixture

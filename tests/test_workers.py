@@ -39,10 +39,10 @@ def _classify_on_fresh_channels(target: str, request: pb.ClassifyRequest, calls:
 
 def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
     monkeypatch.setattr("server.workers.cpu_count", lambda: 16)
-    assert worker_threads(ServerConfig(model="m", workers=4), on_cuda=False) == (2, 4)
-    assert worker_threads(ServerConfig(model="m", workers=4), on_cuda=True) == (1, 4)
-    assert worker_threads(ServerConfig(model="m", workers=32), on_cuda=False) == (1, 1)
-    assert worker_threads(ServerConfig(model="m", workers=4, torch_threads=3, decode_workers=5), on_cuda=False) == (3, 5)
+    assert worker_threads(ServerConfig(model="m", workers=4), device=torch.device("cpu")) == (2, 4)
+    assert worker_threads(ServerConfig(model="m", workers=4), device=torch.device("cuda")) == (1, 4)
+    assert worker_threads(ServerConfig(model="m", workers=32), device=torch.device("cpu")) == (1, 1)
+    assert worker_threads(ServerConfig(model="m", workers=4, torch_threads=3, decode_workers=5), device=torch.device("cpu")) == (3, 5)
 
 
 def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worker(server_factory, mlp_model_file):
@@ -65,7 +65,7 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worke
     assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls
     assert sample(samples, "bitmoji_items_total") == 3 * calls
     assert sample(samples, "bitmoji_request_duration_seconds_count", method="Classify") == calls
-    threads_each, _ = worker_threads(ServerConfig(model="m", workers=2), on_cuda=False)
+    threads_each, _ = worker_threads(ServerConfig(model="m", workers=2), device=torch.device("cpu"))
     assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # a live gauge: summed over the two workers
     assert [labels for (name, labels), value in samples.items() if name == "bitmoji_model_info" and value == 1]
 

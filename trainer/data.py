@@ -9,7 +9,6 @@ it by indexing (see bench/train_loop.py for the speed-up).
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +80,9 @@ def load_split(root: Path, split: str, positive_class: str | None = None, size=I
     positive_index = folder.class_to_idx[positive]
     images = torch.empty((len(folder), 3, *size), dtype=torch.uint8)
     labels = torch.empty(len(folder), dtype=torch.float32)
-    # One decode thread per core: Pillow releases the GIL while it inflates a PNG (1.8 -> ~1 s for the real set).
-    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0))), thread_name_prefix="decode") as pool:
+    # As many decode threads as torch computes with (one per core unless --threads): Pillow releases the
+    # GIL while it inflates a PNG (0.36 -> 0.26 s per 600 PNGs on 2 cores).
+    with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode") as pool:
         decoded = pool.map(folder.__getitem__, range(len(folder)))
         bar = tqdm(decoded, total=len(folder), desc=f"decode {split}", unit="img", disable=None if progress else True, leave=False)  # None: bars on terminals only, not in logs
         try:
