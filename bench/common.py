@@ -234,16 +234,18 @@ def median(values):
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, its threads and its live child processes (`--workers`; Linux /proc)."""
+    """User + system CPU seconds of a process, its threads and its live child processes (`--workers`, TorchServe's workers; Linux /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return float("nan")
     ticks = os.sysconf("SC_CLK_TCK")
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        children = []
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have started a child (TorchServe's Java does)
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
     return (int(fields[11]) + int(fields[12])) / ticks + sum(proc_cpu_seconds(c) for c in children)
 
 

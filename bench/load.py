@@ -43,7 +43,7 @@ CALL_TIMEOUT_S = 10.0
 
 
 async def _generate(target: str, requests: list[bytes], concurrency: int, channels: int, start_at: float,
-                    warmup: float, duration: float, first: int) -> dict:
+                    warmup: float, duration: float, first: int, method: str) -> dict:
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
@@ -51,7 +51,7 @@ async def _generate(target: str, requests: list[bytes], concurrency: int, channe
     try:
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 30)
-        calls = [ch.unary_unary(CLASSIFY) for ch in chans]  # bytes in, bytes out: no protobuf work per call
+        calls = [ch.unary_unary(method) for ch in chans]  # bytes in, bytes out: no protobuf work per call
         latencies: list[float] = []
         errors: Counter = Counter()
         # every generator process starts at the same wall-clock time
@@ -108,8 +108,11 @@ def _generator_main(args, queue) -> None:
 
 
 def run_level(target: str, requests: list[bytes], concurrency: int, *, duration: float, warmup: float,
-              procs: int = 1, channels: int = 2, server_pids: list[int] = ()) -> dict:
-    """One concurrency level with `procs` generator processes; -> throughput, latency, errors, CPU."""
+              procs: int = 1, channels: int = 2, server_pids: list[int] = (), method: str = CLASSIFY) -> dict:
+    """One concurrency level with `procs` generator processes; -> throughput, latency, errors, CPU.
+
+    `requests` are serialised messages for the unary `method` (Classify's by default; another server's for comparisons).
+    """
     procs = max(1, min(procs, concurrency))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -117,7 +120,7 @@ def run_level(target: str, requests: list[bytes], concurrency: int, *, duration:
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     workers = []
     for i, share in enumerate(shares):
-        args = (target, requests, share, max(1, min(channels, share)), start_at, warmup, duration, i)
+        args = (target, requests, share, max(1, min(channels, share)), start_at, warmup, duration, i, method)
         workers.append(ctx.Process(target=_generator_main, args=(args, queue), daemon=True))
     for w in workers:
         w.start()
