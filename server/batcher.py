@@ -1,23 +1,31 @@
-"""The dynamic batcher: items from concurrent calls merged into model batches on one model thread.
+"""The dynamic batcher: items from concurrent calls merged into model batches on a few model threads.
+
+A call's raw items (proto `Input`s) are queued as they arrive; each model thread
+takes up to a batch of them, decodes them (the GIL is released for most of an
+image decode) and runs the forward pass. With two threads one batch's decode
+overlaps the other's forward, and the event loop never waits on a decode: per
+call it only parses, queues and answers (one condition notify per call, one
+`call_soon_threadsafe` per batch).
 
 Rules, in order of importance:
 - every accepted item is answered (a result, or its call's error), in its call's order;
+- an item that fails to decode fails its call (the message names the item: the
+  first failing one when the call fits one batch), never its batch-mates;
 - a batch waits for more items at most `max_delay` after its FIRST item arrived
-  (arrival = when its call was accepted, before preprocessing; not when the
-  model thread got round to polling: TorchServe's flaw);
-- it waits only while more items are on their way (accepted, still being
-  preprocessed): a lonely caller never waits, and while the model thread is
-  busy the queue fills by itself, so batches grow with the load;
-- only items of one shape share a batch (raw tensors for models without a
-  declared shape may differ);
-- the queue is bounded (items accepted and not yet in a batch): `admit` refuses
+  (arrival = when its call was accepted, not when a model thread got round to
+  polling: TorchServe's flaw), and only while another model thread is running
+  a batch: an idle server (a lonely caller) never waits, and while the threads
+  are busy the queue fills by itself, so batches grow with the load;
+- only items of one shape share a forward pass (raw tensors for models without
+  a declared shape may differ);
+- the queue is bounded (items accepted and not yet in a batch): `run` refuses
   a call that does not fit, at once;
-- items whose caller cancelled or whose deadline passed are dropped before the
-  forward pass, and counted;
+- items whose caller cancelled or whose deadline passed are dropped before
+  decoding, and counted;
 - a forward exception fails the calls of that batch only.
 
-The model thread is a plain thread owning its loop, so batch timing does not
-depend on the asyncio loop's latency; results go back to the loop in one
+Model threads are plain threads, so batch timing does not depend on the
+asyncio loop's latency; results go back to the loop in one
 `call_soon_threadsafe` per batch.
 """
 
@@ -28,14 +36,18 @@ import collections
 import logging
 import threading
 import time
+from typing import Callable
 
 import torch
 
 from server import metrics as m
+from server.inputs import InputError, InputSpec
 from server.model import ServedModel, error_summary
 from trainer.preprocess import to_model_input
 
 log = logging.getLogger("bitmoji-serve")
+
+Decode = Callable[[object, int, InputSpec], torch.Tensor]  # (raw item, its index in the call, the model's spec) -> tensor
 
 
 class QueueFull(Exception):
@@ -55,7 +67,7 @@ class ShuttingDown(Exception):
 
 
 class _Call:
-    __slots__ = ("future", "results", "remaining", "deadline", "abandoned", "finished")
+    __slots__ = ("future", "results", "remaining", "deadline", "abandoned", "finished", "model")
 
     def __init__(self, future: asyncio.Future, n: int, deadline: float | None):
         self.future = future
@@ -63,19 +75,18 @@ class _Call:
         self.remaining = n
         self.deadline = deadline  # time.monotonic() value, or None
         self.abandoned = False  # set on the loop when the caller cancelled
-        self.finished = False  # set on the model thread once answered or failed
+        self.finished = False  # set on a model thread once answered or failed
+        self.model: ServedModel | None = None  # the model that ran its (first) batch: what the call reports
 
 
 class _Item:
-    __slots__ = ("call", "index", "tensor", "shape", "arrived", "enqueued")
+    __slots__ = ("call", "index", "raw", "arrived")
 
-    def __init__(self, call: _Call, index: int, tensor: torch.Tensor, arrived: float, enqueued: float):
+    def __init__(self, call: _Call, index: int, raw, arrived: float):
         self.call = call
         self.index = index
-        self.tensor = tensor
-        self.shape = tensor.shape
+        self.raw = raw
         self.arrived = arrived
-        self.enqueued = enqueued
 
 
 def _resolve(completions: list) -> None:
@@ -96,19 +107,21 @@ def build_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Batcher:
-    def __init__(self, model: ServedModel, *, max_batch_size: int, max_delay_s: float, max_queue: int, metrics: m.Metrics):
+    def __init__(self, model: ServedModel, *, decode: Decode, max_batch_size: int, max_delay_s: float, max_queue: int,
+                 metrics: m.Metrics, threads: int = 1):
         self._model = model
+        self._decode = decode
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self._metrics = metrics
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
-        self._admitted = 0  # accepted and not yet in a batch: the bounded quantity
-        self._pending = 0  # of those, still being preprocessed (more items on their way)
+        self._busy = 0  # model threads running a batch
+        self._answering = threading.Lock()  # a call's items may finish on two threads at once
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._serve, name="bitmoji-model", daemon=True)
+        self._threads = [threading.Thread(target=self._serve, name=f"bitmoji-model-{i}", daemon=True) for i in range(threads)]
 
     # -- the model ------------------------------------------------------------
 
@@ -123,38 +136,19 @@ class Batcher:
 
     # -- the loop side ----------------------------------------------------------
 
-    def admit(self, n: int) -> None:
-        """Reserve room for a call's `n` items, or raise QueueFull. Follow with `run` or `withdraw`."""
-        with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._admitted + n > self.max_queue:
-                raise QueueFull(f"queue full: {self._admitted} items waiting, room for {self.max_queue}; retry later")
-            self._admitted += n
-            self._pending += n
-        self._metrics.queue_depth.inc(n)
-
-    def withdraw(self, n: int) -> None:
-        """Release admitted items that will never be submitted (their call failed preprocessing)."""
-        with self._cond:
-            self._admitted -= n
-            self._pending -= n
-            self._cond.notify()
-        self._metrics.queue_depth.dec(n)
-
-    async def run(self, tensors: list[torch.Tensor], *, arrived: float, deadline: float | None = None) -> tuple[list, str]:
-        """Queue admitted items; returns (one result per item, in order; the version of the model that ran them)."""
+    async def run(self, raws, *, arrived: float, deadline: float | None = None) -> tuple[list, ServedModel]:
+        """Queue a call's raw items, or raise QueueFull at once; returns (one result per item, in order; the model that ran them)."""
         loop = self._loop = asyncio.get_running_loop()
-        call = _Call(loop.create_future(), len(tensors), deadline)
-        now = time.monotonic()
-        items = [_Item(call, i, t, arrived, now) for i, t in enumerate(tensors)]
+        call = _Call(loop.create_future(), len(raws), deadline)
+        items = [_Item(call, i, raw, arrived) for i, raw in enumerate(raws)]
         with self._cond:
-            self._pending -= len(items)
             if self._closed:
-                self._admitted -= len(items)
                 raise ShuttingDown("the server is shutting down")
+            if len(self._queue) + len(items) > self.max_queue:
+                raise QueueFull(f"queue full: {len(self._queue)} items waiting, room for {self.max_queue}; retry later")
             self._queue.extend(items)
             self._cond.notify()
+        self._metrics.queue_depth.inc(len(items))
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -163,70 +157,75 @@ class Batcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the model thread; items still queued get ShuttingDown."""
+        """Stop the model threads; items still queued get ShuttingDown."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-            if self._thread.ident is None:  # never started: nobody else will answer the queue
-                leftover, self._queue = list(self._queue), collections.deque()
-                self._fail([item.call for item in leftover], ShuttingDown("the server shut down before this call ran"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._cond.notify_all()
+            if self._threads[0].ident is None:  # never started: nobody else will answer the queue
+                self._fail_leftovers()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def queue_depth(self) -> int:
-        return self._admitted
+        return len(self._queue)
 
-    # -- the model thread -------------------------------------------------------
+    # -- the model threads --------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    leftover, self._queue = list(self._queue), collections.deque()
-                    self._fail([item.call for item in leftover], ShuttingDown("the server shut down before this call ran"))
-                    return
-                self._wait_for_more()
-                items = self._take()
-                self._admitted -= len(items)
+        while (items := self._next_batch()) is not None:
             self._metrics.queue_depth.dec(len(items))
             try:
                 self._execute(items)
             except Exception:  # a bug here must not kill the model thread (every call would hang)
                 log.exception("batcher error")
                 self._fail([item.call for item in items], BatchFailed("internal error in the batcher"))
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()  # a thread waiting for more items stops waiting when nobody is busy
 
-    def _wait_for_more(self) -> None:
-        """Adaptive wait (lock held): only while the batch is not full, more items are coming, and time is left."""
-        if self.max_delay_s <= 0:
-            return
-        due = self._queue[0].arrived + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and self._pending > 0 and not self._closed:
-            remaining = due - time.monotonic()
-            if remaining <= 0:
-                return
-            self._cond.wait(remaining)
+    def _next_batch(self) -> list[_Item] | None:
+        """Block until there is a batch to run (counted as busy), or None once closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    self._fail_leftovers()
+                    return None
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                wait = self._time_to_wait()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+                self._busy += 1
+                return batch
 
-    def _take(self) -> list[_Item]:
-        """Up to max_batch_size items with the head item's shape, in queue order (lock held)."""
-        queue, limit = self._queue, self.max_batch_size
-        shape = queue[0].shape
-        batch: list[_Item] = []
-        others: list[_Item] = []
-        while queue and len(batch) < limit:
-            item = queue.popleft()
-            (batch if item.shape == shape else others).append(item)
-        queue.extendleft(reversed(others))
-        return batch
+    def _time_to_wait(self) -> float:
+        """Adaptive wait (lock held): only while the batch is not full, another thread is busy, and time is left."""
+        if self.max_delay_s <= 0 or self._busy == 0 or len(self._queue) >= self.max_batch_size:
+            return 0.0
+        return self._queue[0].arrived + self.max_delay_s - time.monotonic()
+
+    def _fail_leftovers(self) -> None:
+        leftover, self._queue = list(self._queue), collections.deque()
+        if leftover:
+            self._metrics.queue_depth.dec(len(leftover))
+            self._fail([item.call for item in leftover], ShuttingDown("the server shut down before this call ran"))
 
     def _execute(self, items: list[_Item]) -> None:
         start = time.monotonic()
         metrics = self._metrics
+        model = self._model  # read once: the whole batch is decoded for, runs on, and reports one model
+        observe_wait = metrics.queue_wait.observe
         live: list[_Item] = []
         expired: list[_Call] = []
         for item in items:
@@ -239,45 +238,73 @@ class Batcher:
             elif call.finished:  # another of its items failed
                 metrics.items_dropped.labels(m.DROP_FAILED).inc()
             else:
+                observe_wait(start - item.arrived)
                 live.append(item)
         if expired:
             self._fail(expired, DeadlineExpired("the deadline passed before the items reached the model"))
-        if not live:
-            return
-        model = self._model  # read once: the whole batch runs on, and reports, one model
+        groups = self._decode_all(live, model)
+        for group in groups.values():
+            group = [(item, tensor) for item, tensor in group if not item.call.finished]  # a batch-mate failed to decode
+            if group:
+                self._forward(model, group)
+
+    def _decode_all(self, live: list[_Item], model: ServedModel) -> dict[tuple, list]:
+        """Decode each item for `model`; group them by shape (in queue order). An item that fails fails its call."""
+        observe = self._metrics.preprocess_duration.observe
+        decode, spec = self._decode, model.spec
+        groups: dict[tuple, list] = {}
+        for item in live:
+            if item.call.finished:
+                continue
+            t0 = time.perf_counter()
+            try:
+                tensor = decode(item.raw, item.index, spec)
+            except InputError as exc:
+                self._fail([item.call], exc)
+                continue
+            except Exception as exc:
+                log.exception("decoding inputs[%d] failed", item.index)
+                self._fail([item.call], BatchFailed(f"internal error decoding inputs[{item.index}]: {type(exc).__name__}"))
+                continue
+            observe(time.perf_counter() - t0)
+            groups.setdefault(tuple(tensor.shape), []).append((item, tensor))
+        return groups
+
+    def _forward(self, model: ServedModel, group: list) -> None:
+        metrics = self._metrics
+        start = time.monotonic()
         try:
-            batch = build_batch([item.tensor for item in live])
-            results = model.predict(batch)
+            results = model.predict(build_batch([tensor for _item, tensor in group]))
         except Exception as exc:
             reason = error_summary(exc)
-            log.error("forward pass failed on a batch of %d items of shape %s: %s", len(live), list(live[0].shape), reason)
-            self._fail([item.call for item in live], BatchFailed(f"model forward failed: {reason}"))
+            log.error("forward pass failed on a batch of %d items of shape %s: %s", len(group), list(group[0][1].shape), reason)
+            self._fail([item.call for item, _tensor in group], BatchFailed(f"model forward failed: {reason}"))
             return
-        end = time.monotonic()
-        metrics.forward_duration.observe(end - start)
-        metrics.batch_size.observe(len(live))
-        metrics.items.inc(len(live))
-        observe_wait = metrics.queue_wait.observe
+        metrics.forward_duration.observe(time.monotonic() - start)
+        metrics.batch_size.observe(len(group))
+        metrics.items.inc(len(group))
         completions = []
-        version = model.version
-        for item, result in zip(live, results):
-            observe_wait(start - item.enqueued)
-            call = item.call
-            if call.finished:
-                continue
-            call.results[item.index] = result
-            call.remaining -= 1
-            if call.remaining == 0:
-                call.finished = True
-                completions.append((call.future, (call.results, version), None))
+        with self._answering:
+            for (item, _tensor), result in zip(group, results):
+                call = item.call
+                if call.finished:
+                    continue
+                if call.model is None:
+                    call.model = model
+                call.results[item.index] = result
+                call.remaining -= 1
+                if call.remaining == 0:
+                    call.finished = True
+                    completions.append((call.future, (call.results, call.model), None))
         if completions:
             self._loop.call_soon_threadsafe(_resolve, completions)
 
     def _fail(self, calls: list[_Call], error: Exception) -> None:
         completions = []
-        for call in calls:
-            if not call.finished:
-                call.finished = True
-                completions.append((call.future, None, error))
+        with self._answering:
+            for call in calls:
+                if not call.finished:
+                    call.finished = True
+                    completions.append((call.future, None, error))
         if completions and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_resolve, completions)

@@ -41,7 +41,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
     workers: int = 1  # server processes sharing the port (see server.workers)
-    decode_workers: int | None = None  # None = one per core
+    decode_workers: int | None = None  # model threads (decode + forward); None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
     input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
     gradient_probe: bool = True
@@ -170,7 +170,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("max-image-pixels", int, "largest image (width x height) to decode; checked before decoding")
     flag("workers", int, "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
          "each gets its share of the cores")
-    flag("decode-workers", int, "threads decoding images (default: one per core)")
+    flag("decode-workers", int, "model threads: each decodes a batch of queued items and runs its forward pass (default: one per core)")
     flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
     flag("input-shape", _shape, "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)")
     flag("disable-gradient-probe", _bool, "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",

@@ -14,8 +14,8 @@ need nothing but ModelMetadata to call the model, named `bitmoji` unless
 
 A request sends exactly one of the inputs (a model without image
 preprocessing takes one FP32 input named `input`). ModelInfer takes the same
-path as Classify (`ClassifierService.infer`: admission, the decode pool, the
-dynamic batcher), so calls of both protocols batch together, obey the same
+path as Classify (`ClassifierService.infer`: admission, then the dynamic
+batcher, whose model threads decode), so calls of both protocols batch together, obey the same
 limits and give the same numbers. Outputs come back in `raw_output_contents`
 (what tritonclient reads), in the order asked for; all of them when none is
 asked for. Readiness is the health service's: ServerReady and ModelReady say

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from server.batcher import Batcher
+from server.inputs import decode_input
 from server.config import ServerConfig, cpu_count, parse_config
 from server.metrics import Metrics
 from server.model import ServedModel, error_summary, resolve_device
@@ -69,8 +70,8 @@ def address(host: str, port: int) -> str:
 def default_torch_threads(device: torch.device, cores: int | None = None) -> int:
     """Half the cores on CPU (the rest decode and run gRPC), one with CUDA.
 
-    The forward pass shares the machine with the decode pool and the event
-    loop; OpenMP threads that outnumber the free cores spin and stall each
+    The forward pass shares the machine with the other model threads' decoding
+    and the event loop; OpenMP threads that outnumber the free cores spin and stall each
     other (measured on a busy 2-core box: the CNN at batch 1 took 6 ms with
     one thread, 325 ms with two).
     """
@@ -107,12 +108,11 @@ async def serve(config: ServerConfig) -> None:
     metrics.torch_threads.set(threads)
     metrics.set_model(model.version, str(device), loaded.metadata.get("architecture", "") or "")
     batcher = Batcher(
-        model, max_batch_size=config.max_batch_size, max_delay_s=config.max_batch_delay_s,
-        max_queue=config.max_queue, metrics=metrics,
+        model, decode=decode_input, max_batch_size=config.max_batch_size, max_delay_s=config.max_batch_delay_s,
+        max_queue=config.max_queue, metrics=metrics, threads=config.resolved_decode_workers,
     )
-    decode_pool = ThreadPoolExecutor(config.resolved_decode_workers, thread_name_prefix="bitmoji-decode")
     probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe")
-    service = ClassifierService(config, batcher, metrics, decode_pool=decode_pool, probe_pool=probe_pool, torch_threads=threads)
+    service = ClassifierService(config, batcher, metrics, probe_pool=probe_pool, torch_threads=threads)
     reloader = ModelReloader(config, service, metrics)
     if early_hup:
         reloader.request("SIGHUP")
@@ -184,7 +184,6 @@ async def serve(config: ServerConfig) -> None:
         await server.stop(None)  # what is left: health Watch streams, or calls past the grace period
         await stopping
         batcher.close(timeout=config.grace_period_s)
-        decode_pool.shutdown(wait=False, cancel_futures=True)
         probe_pool.shutdown(wait=False, cancel_futures=True)
         if httpd is not None:
             await asyncio.to_thread(httpd.shutdown)

@@ -44,7 +44,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_wait = Histogram(
-            "bitmoji_queue_wait_seconds", "Time an item waited in the batch queue, from preprocessed to its batch starting.",
+            "bitmoji_queue_wait_seconds", "Time an item waited in the batch queue, from its call's arrival to its batch starting (decode comes after).",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.forward_duration = Histogram(
@@ -53,7 +53,7 @@ class Metrics:
         )
         self.batch_size = Histogram("bitmoji_batch_size", "Items in each executed model batch.", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
-            "bitmoji_queue_depth", "Items accepted and not yet in a model batch (being preprocessed or queued).",
+            "bitmoji_queue_depth", "Items accepted and not yet taken into a model batch.",
             multiprocess_mode="livesum", registry=r,
         )
         self.items = Counter("bitmoji_items", "Items run through the model by Classify and StreamClassify.", registry=r)

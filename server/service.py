@@ -1,8 +1,8 @@
 """The `bitmoji.v1.Classifier` servicer: requests in, batcher and probes, responses out.
 
 Shaped like gRPC's own asyncio examples: one coroutine per RPC. Per-call work
-on the event loop is kept small: decoding runs in a thread pool, the forward
-pass on the batcher's model thread, GradientProbe on a thread of its own (so a
+on the event loop is kept small: decoding and the forward pass run on the
+batcher's model threads, GradientProbe on a thread of its own (so a
 probe never holds up a batch). Every RPC is counted and timed by `_observed`,
 and every failure becomes a status code with a message (see `_status`), never
 a crash and never a payload in the logs.
@@ -24,7 +24,7 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from server.batcher import Batcher, BatchFailed, DeadlineExpired, QueueFull, ShuttingDown, build_batch
 from server.config import ServerConfig
-from server.inputs import InputError, InputSpec, decode_input, tensor_to_proto
+from server.inputs import InputError, decode_input, tensor_to_proto
 from server.metrics import Metrics
 from server.model import ServedModel, error_summary
 from server.saliency import saliency_png
@@ -35,7 +35,6 @@ log = logging.getLogger("bitmoji-serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 LOSSES = {pb.LOSS_BCE: "bce", pb.LOSS_MSE: "mse"}
 STREAM_WINDOW = 64  # StreamClassify messages in flight per stream (so one stream's messages batch together)
-MIN_DECODE_CHUNK = 8  # items per decode job when a call is split across the pool
 
 
 class ServiceError(Exception):
@@ -115,13 +114,10 @@ def _discard(task: asyncio.Future) -> None:
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics, *, decode_pool: Executor,
-                 probe_pool: Executor, torch_threads: int):
+    def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics, *, probe_pool: Executor, torch_threads: int):
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
-        self._decode_pool = decode_pool
-        self._decode_workers = config.resolved_decode_workers
         self._probe_pool = probe_pool
         self._torch_threads = torch_threads
         self.active = 0  # RPCs being handled (what a graceful shutdown waits for)
@@ -208,9 +204,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         )
 
     async def infer(self, inputs, context) -> tuple[list, str, ServedModel]:
-        """The path of every inference (Classify's, and ModelInfer's in `server.kserve`): count, admit, decode, batch.
+        """The path of every inference (Classify's, and ModelInfer's in `server.kserve`): check, then queue raw items.
 
-        Returns one [logit, probability] per item, the version of the model that ran them, and the model.
+        The batcher's model threads decode and run them. Returns one [logit, probability] per item, the version
+        of the model that ran them, and that model.
         """
         n = len(inputs)
         if n == 0:
@@ -223,40 +220,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         arrived = time.monotonic()
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
-        model = self._batcher.model
-        self._batcher.admit(n)
-        try:
-            tensors = await self._decode(inputs, model.spec)
-        except BaseException:
-            self._batcher.withdraw(n)
-            raise
-        results, version = await self._batcher.run(tensors, arrived=arrived, deadline=deadline)
-        return results, version, model
-
-    async def _decode(self, inputs, spec: InputSpec) -> list[torch.Tensor]:
-        """Decode a call's items in the pool: one job for a small call, spread over the workers for a big one."""
-        loop = asyncio.get_running_loop()
-        n = len(inputs)
-        size = max(MIN_DECODE_CHUNK, -(-n // self._decode_workers))
-        if n <= size:
-            return await loop.run_in_executor(self._decode_pool, self._decode_range, inputs, 0, n, spec)
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode_range, inputs, i, min(i + size, n), spec) for i in range(0, n, size)),
-            return_exceptions=True,
-        )
-        for part in parts:  # the lowest failing item's error
-            if isinstance(part, BaseException):
-                raise part
-        return [tensor for part in parts for tensor in part]
-
-    def _decode_range(self, inputs, start: int, stop: int, spec: InputSpec) -> list[torch.Tensor]:
-        observe = self._metrics.preprocess_duration.observe
-        out = []
-        for i in range(start, stop):
-            t0 = time.perf_counter()
-            out.append(decode_input(inputs[i], i, spec))
-            observe(time.perf_counter() - t0)
-        return out
+        results, model = await self._batcher.run(inputs, arrived=arrived, deadline=deadline)
+        return results, model.version, model
 
     # -- GradientProbe --------------------------------------------------------
 

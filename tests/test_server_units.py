@@ -1,5 +1,5 @@
 """The server's parts in-process (no subprocess, no gRPC): configuration, and the batcher's timing,
-grouping and ordering rules with a real model on the real model thread.
+grouping, ordering and failure rules with a real model on the real model threads.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from server.batcher import Batcher, QueueFull
+from server.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
 from server.config import ServerConfig, parse_config
+from server.inputs import InputError
 from server.metrics import Metrics
 from server.model import ServedModel
 from trainer import modelfile
@@ -72,13 +73,26 @@ def served(tmp_path, scale: float = 1.0) -> ServedModel:
     return ServedModel.create(modelfile.load_model(path), max_pixels=1 << 20)
 
 
+def decode(raw, index: int, spec) -> torch.Tensor:
+    """The test batcher's decoder: items are ("value", shape) pairs; "slow" sleeps, "bad" fails, "boom" is a bug."""
+    value, shape = raw
+    if value == "slow":
+        time.sleep(0.5)
+        value = 0
+    elif value == "bad":
+        raise InputError(f"inputs[{index}]: bad item")
+    elif value == "boom":
+        raise KeyError("a bug")
+    return torch.full(shape, float(value))
+
+
 def run_batcher(model: ServedModel, scenario, **settings):
     """Run `scenario(batcher)` on a started batcher; returns (its result, the batcher's metrics)."""
     metrics = Metrics()
-    options = {"max_batch_size": 32, "max_delay_s": 0.3, "max_queue": 64, **settings}
+    options = {"max_batch_size": 32, "max_delay_s": 0.3, "max_queue": 64, "threads": 1, **settings}
 
     async def main():
-        batcher = Batcher(model, metrics=metrics, **options)
+        batcher = Batcher(model, decode=decode, metrics=metrics, **options)
         batcher.start()
         try:
             return await asyncio.wait_for(scenario(batcher), 10)
@@ -89,97 +103,132 @@ def run_batcher(model: ServedModel, scenario, **settings):
 
 
 def items(*values, shape=(2,)):
-    return [torch.full(shape, float(v)) for v in values]
+    return [(v, shape) for v in values]
 
 
 def logits(results):
     return [round(logit, 4) for logit, _probability in results]
 
 
-def test_a_lonely_caller_does_not_wait(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_lonely_caller_does_not_wait(tmp_path, threads):
     async def scenario(batcher):
-        batcher.admit(1)
         started = time.monotonic()
-        results, version = await batcher.run(items(1), arrived=started)
-        return time.monotonic() - started, results, version
+        results, model = await batcher.run(items(1), arrived=started)
+        return time.monotonic() - started, results, model.version
 
-    (elapsed, results, version), _ = run_batcher(served(tmp_path), scenario, max_delay_s=1.0)
+    (elapsed, results, version), _ = run_batcher(served(tmp_path), scenario, max_delay_s=1.0, threads=threads)
     assert logits(results) == [2.0] and version == "sum-1.0"
     assert elapsed < 0.2, f"waited {elapsed:.3f}s with nobody else around"
 
 
-def test_a_batch_waits_for_items_on_their_way_at_most_the_delay_from_its_first_arrival(tmp_path):
+def test_a_batch_waits_while_another_thread_is_busy_at_most_the_delay_from_its_first_arrival(tmp_path):
     async def scenario(batcher):
-        batcher.admit(1)
-        batcher.admit(1)  # a second call being "preprocessed" that never comes
+        busy = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))  # one thread busy 0.5 s
+        await asyncio.sleep(0.05)
         started = time.monotonic()
         await batcher.run(items(1), arrived=started)
         full_wait = time.monotonic() - started
-        batcher.admit(1)
+        await busy
+        busy = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))
+        await asyncio.sleep(0.05)
         started = time.monotonic()
         await batcher.run(items(1), arrived=started - 0.25)  # arrived 0.25 s ago: only 0.05 s of the delay left
         late_wait = time.monotonic() - started
-        batcher.withdraw(1)
+        await busy
         return full_wait, late_wait
 
-    (full_wait, late_wait), _ = run_batcher(served(tmp_path), scenario, max_delay_s=0.3)
-    assert 0.25 <= full_wait < 0.6
+    (full_wait, late_wait), _ = run_batcher(served(tmp_path), scenario, max_delay_s=0.3, threads=2)
+    assert 0.25 <= full_wait < 0.45, f"waited {full_wait:.3f}s: not the 0.3 s delay"
     assert late_wait < 0.2, f"the delay was counted from when the model thread polled ({late_wait:.3f}s)"
 
 
 def test_concurrent_calls_share_a_batch_and_each_gets_its_own_results_in_order(tmp_path):
     async def scenario(batcher):
-        batcher.admit(3)
-        batcher.admit(2)
+        blocker = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))  # the one thread is busy
+        await asyncio.sleep(0.05)
         now = time.monotonic()
         first = asyncio.ensure_future(batcher.run(items(1, 2, 3), arrived=now))
         await asyncio.sleep(0.02)
         second = await batcher.run(items(10, 20), arrived=now)
+        await blocker
         return await first, second
 
     ((first, _), (second, _)), metrics = run_batcher(served(tmp_path), scenario)
     assert logits(first) == [2.0, 4.0, 6.0] and logits(second) == [20.0, 40.0]
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_count") == 1
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum") == 5
+    assert metrics.registry.get_sample_value("bitmoji_batch_size_count") == 2  # the blocker's, then one for both calls
+    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum") == 6
 
 
-def test_a_big_call_is_split_into_batches_and_items_of_other_shapes_never_share_one(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_big_call_is_split_into_batches_and_items_of_other_shapes_never_share_one(tmp_path, threads):
     async def scenario(batcher):
-        tensors = items(1, 2, 3, 4, 5) + items(1, shape=(3,)) + items(6)
-        batcher.admit(len(tensors))
-        return await batcher.run(tensors, arrived=time.monotonic())
+        return await batcher.run(items(1, 2, 3, 4, 5) + items(1, shape=(3,)) + items(6), arrived=time.monotonic())
 
-    (results, _), metrics = run_batcher(served(tmp_path), scenario, max_batch_size=4)
+    (results, _), metrics = run_batcher(served(tmp_path), scenario, max_batch_size=4, threads=threads)
     assert logits(results) == [2.0, 4.0, 6.0, 8.0, 10.0, 3.0, 12.0]
     sizes = metrics.registry.get_sample_value("bitmoji_batch_size_sum"), metrics.registry.get_sample_value("bitmoji_batch_size_count")
-    assert sizes == (7, 3)  # [1 2 3 4] [5 6] and the one of shape (3,)
+    assert sizes == (7, 3)  # [1 2 3 4] then [5 6] and the one of shape (3,)
 
 
-def test_the_queue_is_bounded_and_withdrawn_items_free_it(tmp_path):
+def test_an_item_that_fails_to_decode_fails_its_call_only(tmp_path):
     async def scenario(batcher):
-        batcher.admit(4)
-        with pytest.raises(QueueFull, match="queue full"):
-            batcher.admit(1)
-        batcher.withdraw(4)
-        batcher.admit(4)
-        return (await batcher.run(items(1, 2, 3, 4), arrived=time.monotonic()))[0]
+        blocker = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))
+        await asyncio.sleep(0.05)
+        now = time.monotonic()
+        good = asyncio.ensure_future(batcher.run(items(1, 2), arrived=now))
+        bad = asyncio.ensure_future(batcher.run(items(3, "bad", "bad"), arrived=now))  # same batch as `good`
+        buggy = asyncio.ensure_future(batcher.run(items("boom"), arrived=now))
+        await blocker
+        results = await asyncio.gather(good, bad, buggy, return_exceptions=True)
+        return results
+
+    (good, bad, buggy), metrics = run_batcher(served(tmp_path), scenario)
+    assert logits(good[0]) == [2.0, 4.0]
+    assert isinstance(bad, InputError) and str(bad) == "inputs[1]: bad item"  # the first failing item
+    assert isinstance(buggy, BatchFailed) and "internal error decoding inputs[0]: KeyError" in str(buggy)
+    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum") == 3  # "slow", then 1 and 2: no item of `bad`
+
+
+def test_the_queue_is_bounded(tmp_path):
+    async def scenario(batcher):
+        blocker = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))
+        await asyncio.sleep(0.05)  # taken: the queue is empty again
+        waiting = asyncio.ensure_future(batcher.run(items(1, 2, 3, 4), arrived=time.monotonic()))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="queue full: 4 items waiting, room for 4"):
+            await batcher.run(items(5), arrived=time.monotonic())
+        await blocker
+        return (await waiting)[0]
 
     results, metrics = run_batcher(served(tmp_path), scenario, max_queue=4)
     assert logits(results) == [2.0, 4.0, 6.0, 8.0]
     assert metrics.registry.get_sample_value("bitmoji_queue_depth") == 0
 
 
+def test_closing_answers_every_queued_call(tmp_path):
+    async def scenario(batcher):
+        blocker = asyncio.ensure_future(batcher.run(items("slow"), arrived=time.monotonic()))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.run(items(1), arrived=time.monotonic()))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(batcher.close, 5)
+        return await asyncio.gather(blocker, queued, return_exceptions=True)
+
+    (ran, refused), _ = run_batcher(served(tmp_path), scenario)
+    assert logits(ran[0]) == [0.0]  # the running batch finished
+    assert isinstance(refused, ShuttingDown)
+
+
 def test_swap_model_serves_the_new_model_from_the_next_batch(tmp_path):
     new = served(tmp_path, scale=10.0)
 
     async def scenario(batcher):
-        batcher.admit(1)
         before = await batcher.run(items(1), arrived=time.monotonic())
         old = batcher.swap_model(new)
-        batcher.admit(1)
         after = await batcher.run(items(1), arrived=time.monotonic())
         return before, after, old.version
 
-    ((before, v1), (after, v2), old), _ = run_batcher(served(tmp_path), scenario)
-    assert (logits(before), v1, old) == ([2.0], "sum-1.0", "sum-1.0")
-    assert (logits(after), v2) == ([20.0], "sum-10.0")
+    ((before, m1), (after, m2), old), _ = run_batcher(served(tmp_path), scenario)
+    assert (logits(before), m1.version, old) == ([2.0], "sum-1.0", "sum-1.0")
+    assert (logits(after), m2.version) == ([20.0], "sum-10.0")
