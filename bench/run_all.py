@@ -8,6 +8,8 @@ Steps, in order (each also writes bench/results/<step>.json):
   load_mlp    the server on the lecture's MLP at concurrency 1, 8, 32, 64 (separate generator processes)
   load_cnn    the same on the project's CNN
   load_mlp_workers  load_mlp with `--workers N`, N = cores (one server process per core, one port)
+  torchserve  TorchServe 0.12 (2 workers, batching 32 / 5 ms) and this server, alternated level by level
+              (skipped, and said so, unless torchserve is installed: see bench/torchserve.py)
   grpc_floor  the same load on a no-op Classifier: what gRPC alone costs one process
   probe       GradientProbe vs Classify latency, one image
   coldstart   process start -> SERVING for the MLP, with a breakdown
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_DATA, RESULTS, ROOT, cores, export_model, loadavg, machine, progress, write_json
 
-STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
+STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "torchserve", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
 
 
@@ -88,7 +90,7 @@ def run_suite(*, quick: bool, data: Path, steps=STEPS, results: Path = RESULTS, 
 
 def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> None:
     """Run one step; its result goes to out[step], its command line to out["commands"][step]."""
-    from bench import coldstart, grpc_floor, inprocess, load, probe, train_loop
+    from bench import coldstart, grpc_floor, inprocess, load, probe, torchserve, train_loop
 
     if step == "inprocess":
         r = inprocess.run(mlp, images, duration=s["inproc_duration"], warmup=s["inproc_warmup"])
@@ -102,6 +104,11 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
         out["commands"][step] = (f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "
                                  f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
                                  + "".join(f" --server-arg={a}" for a in args))
+    elif step == "torchserve":
+        levels = s["cnn_levels"]  # the same levels: all four, or two in a quick run
+        r = torchserve.run(levels, model=mlp, duration=s["load_duration"], warmup=s["load_warmup"], data=data, server_args=server_args)
+        out["commands"][step] = (f"python -m bench.torchserve --concurrency {','.join(map(str, levels))} "
+                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}{sa}")
     elif step == "grpc_floor":
         levels = (1, 32, 64)
         r = grpc_floor.run(levels, duration=s["load_duration"], warmup=s["load_warmup"], data=data)
@@ -153,6 +160,13 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
                 if ceiling:
                     rows.append((f"... vs the in-process ceiling ({ceiling:.0f} img/s, same run)", f"{t / ceiling:.2f}x", ">= 0.8x",
                                  _verdict(t / ceiling >= 0.8)))
+    ts = r.get("torchserve") or {}
+    for row in ts.get("rows", []):
+        if row["concurrency"] in (32, 64):
+            t, o = row["torchserve"]["images_per_s"], row["ours"]["images_per_s"]
+            rows.append((f"... vs TorchServe {ts.get('torchserve_version', '')}, same run, concurrency {row['concurrency']}",
+                         f"{row['throughput_ratio']:.2f}x ({o:.0f} vs {t:.0f} img/s)", ">= 1.5x (the 3000 img/s target's premise)",
+                         _verdict(row["throughput_ratio"] >= 1.5)))
     ceiling_cpu = (r.get("inprocess") or {}).get("ceiling_cpu_ms_per_image")
     for c in (32, 64):
         row = by_c.get(c)
@@ -248,6 +262,24 @@ def markdown(r: dict, plot: str | None) -> str:
                      f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
                      f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
                      f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |")
+    ts = r.get("torchserve")
+    if ts and ts.get("skipped"):
+        L += ["", "## TorchServe side by side", "", f"Skipped: {ts['skipped']}."]
+    elif ts:
+        st = ts["torchserve_settings"]
+        L += ["", f"## TorchServe {ts['torchserve_version']} side by side", "",
+              f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
+              f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
+              f"(its handler calls `trainer.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
+              "the two servers take turns at each level, under the same generator.", "",
+              "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) | ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in ts["rows"]:
+            t, o = row["torchserve"], row["ours"]
+            L.append(f"| {row['concurrency']} | {t['images_per_s']:.0f} | {_fmt(t['p50'])} | {_fmt(t['p99'])} | {_fmt(t.get('server_cpu_cores'))} "
+                     f"| {o['images_per_s']:.0f} | {_fmt(o['p50'])} | {_fmt(o['p99'])} | {_fmt(o.get('server_cpu_cores'))} "
+                     f"| {row['throughput_ratio']:.2f}x |")
+        L += ["", f"Load average at the end: {ts.get('loadavg')}."]
     gf = r.get("grpc_floor")
     if gf:
         L += ["", "## The gRPC floor: a Classifier that does nothing", "", f"`{r['commands']['grpc_floor']}`: the same generator and "
@@ -298,6 +330,10 @@ def plot(r: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     series = [(name.format(cores=r["machine"]["cores"]), r[k]["rows"]) for k, name in LOAD_STEPS.items() if r.get(k)]
+    if (r.get("torchserve") or {}).get("rows"):
+        rows = r["torchserve"]["rows"]
+        series += [("TorchServe (same run)", [{**row["torchserve"], "concurrency": row["concurrency"]} for row in rows]),
+                   ("MLP beside TorchServe (same run)", [{**row["ours"], "concurrency": row["concurrency"]} for row in rows])]
     if not series:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import coldstart, grpc_floor, inprocess, load, probe, run_all, train_loop
+from bench import coldstart, grpc_floor, inprocess, load, probe, run_all, torchserve, train_loop
 from bench.common import percentiles, real_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,12 +128,15 @@ def test_run_all_report_and_plot(tmp_path):
     r = {
         "machine": {"cpu": "test cpu", "cores": 2, "loadavg": [1.0, 1.0, 1.0], "python": "3", "torch": "2", "grpcio": "1", "platform": "x"},
         "quick": True, "started": "then", "finished": "now", "data": "d", "loadavg_end": [1, 1, 1],
-        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c"},
+        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c", "torchserve": "d"},
         "inprocess": {"batch": 64, "duration_s": 1, "cores": 2, "ceiling_images_per_s": 3500.0,
                       "rows": {"decode_2proc": {"images_per_s": 5000.0, "loadavg": [1, 1, 1]}}},
         "load_mlp": {"rows": rows, "server_ready_s": 2.0},
         "load_mlp_workers": {"rows": [{**r, "images_per_s": 2 * r["images_per_s"]} for r in rows], "server_ready_s": 3.0},
         "probe": {"classify_ms": percentiles([1.0]), "probe_ms": percentiles([2.0]), "p50_ratio": 2.0, "calls": 1, "loadavg": [1, 1, 1]},
+        "torchserve": {"torchserve_version": "0.12.0", "torchserve_settings": torchserve.SETTINGS, "max_probability_difference": 1e-6,
+                       "rows": [{"concurrency": 32, "torchserve": {**row, "images_per_s": 500.0}, "ours": {**row, "images_per_s": 800.0},
+                                 "throughput_ratio": 1.6}]},
     }
     verdicts = {t[0]: t[3] for t in run_all.targets(r)}
     assert verdicts["MLP throughput, concurrency 32"] == "**met**"
@@ -141,11 +144,15 @@ def test_run_all_report_and_plot(tmp_path):
     assert verdicts["MLP throughput, concurrency 64, --workers 2"] == "**met**"
     assert verdicts["p50 latency, concurrency 1"] == "**met**"
     assert verdicts["GradientProbe p50 / Classify p50, one image"] == "**met**"
+    assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32"] == "**met**"
     png = run_all.plot(r, tmp_path / "throughput.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = run_all.markdown(r, "throughput.png")
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
     assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
+    assert "## TorchServe 0.12.0 side by side" in text and "| 32 | 500 |" in text and "| 1.60x |" in text
+    r["torchserve"] = {"skipped": "torchserve not found"}
+    assert "Skipped: torchserve not found." in run_all.markdown(r, None)
 
 
 def test_real_images_are_128_pngs():
@@ -156,7 +163,59 @@ def test_real_images_are_128_pngs():
             assert img.format == "PNG" and img.size == (128, 128)
 
 
-@pytest.mark.parametrize("module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop"])
+@pytest.mark.parametrize("module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop", "torchserve"])
 def test_every_script_has_help(module):
     r = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+def _torchserve_messages():
+    """TorchServe's PredictionsRequest and PredictionResponse (from its inference.proto), built with protobuf itself."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    f = descriptor_pb2.FileDescriptorProto(name="ts_inference_test.proto", package="org.pytorch.serve.grpc.inference", syntax="proto3")
+    request = f.message_type.add(name="PredictionsRequest")
+    request.field.add(name="model_name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    request.field.add(name="model_version", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    request.field.add(name="input", number=3, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+                      type_name=".org.pytorch.serve.grpc.inference.PredictionsRequest.InputEntry")
+    entry = request.nested_type.add(name="InputEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_BYTES, label=F.LABEL_OPTIONAL)
+    response = f.message_type.add(name="PredictionResponse")
+    response.field.add(name="prediction", number=1, type=F.TYPE_BYTES, label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    get = message_factory.GetMessageClass
+    return (get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionsRequest")),
+            get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionResponse")))
+
+
+def test_torchserve_messages_are_what_protobuf_makes_of_its_proto():
+    Request, Response = _torchserve_messages()
+    image = real_images(n=1)[0]  # > 127 bytes: multi-byte lengths
+    parsed = Request.FromString(torchserve.predictions_request(image, "bitmoji"))
+    assert parsed.model_name == "bitmoji" and dict(parsed.input) == {"data": image}
+    assert torchserve.prediction(Response(prediction=b"0.731059").SerializeToString()) == b"0.731059"
+    with pytest.raises(ValueError, match="no prediction"):
+        torchserve.prediction(b"")
+
+
+def test_torchserve_comparison_is_skipped_without_torchserve(monkeypatch, tmp_path):
+    monkeypatch.setattr(torchserve, "tool", lambda name: None)
+    out = tmp_path / "ts.json"
+    torchserve.main(["--concurrency", "1", "--duration", "0.1", "--json", str(out)])
+    assert "torchserve not found" in read(out)["skipped"]
+
+
+@pytest.mark.skipif(torchserve.missing() is not None, reason="torchserve is not installed (an optional extra: see bench/torchserve.py)")
+def test_torchserve_smoke(mlp_model_file, tmp_path):
+    out = tmp_path / "ts.json"
+    torchserve.main(["--model", str(mlp_model_file), "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2", "--json", str(out)])
+    r = read(out)
+    assert r["max_probability_difference"] <= 1e-4
+    (row,) = r["rows"]
+    for name in ("torchserve", "ours"):
+        assert row[name]["images_per_s"] > 0 and row[name]["error_count"] == 0, name
