@@ -84,5 +84,15 @@ def test_gradient_stats_equal_the_plain_formulas_across_chunk_boundaries(numel):
     assert mean_abs == pytest.approx(float(g.abs().mean()), rel=1e-5)
 
 
+def test_gradient_stats_of_a_big_gradient_match_float64():
+    torch.manual_seed(0)
+    g = torch.randn(128, 8 * 1024) * 1e-3  # 1 M values: where one float32 reduction drifts
+    norm, max_abs, mean_abs = gradient_stats(g)
+    exact = g.double()
+    assert norm == pytest.approx(float(exact.norm()), rel=1e-6)
+    assert max_abs == float(exact.abs().max())
+    assert mean_abs == pytest.approx(float(exact.abs().mean()), rel=1e-6)
+
+
 def test_gradient_stats_of_an_empty_gradient_are_zero():
     assert gradient_stats(torch.empty(0, 3)) == (0.0, 0.0, 0.0)
