@@ -172,10 +172,6 @@ class Batcher:
             if thread.is_alive():
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
     # -- the model threads --------------------------------------------------------
 
     def _serve(self) -> None:
