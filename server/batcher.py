@@ -147,8 +147,8 @@ class Batcher:
             if len(self._queue) + len(items) > self.max_queue:
                 raise QueueFull(f"queue full: {len(self._queue)} items waiting, room for {self.max_queue}; retry later")
             self._queue.extend(items)
+            self._metrics.queue_depth.inc(len(items))  # under the lock: a model thread's dec never comes first
             self._cond.notify()
-        self._metrics.queue_depth.inc(len(items))
         try:
             return await call.future
         except asyncio.CancelledError:
