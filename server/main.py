@@ -41,6 +41,7 @@ log = logging.getLogger("bitmoji-serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCH_FLUSH_S = 0.2
+GOAWAY_FLUSH_S = 0.05
 
 
 class _Formatter(logging.Formatter):
@@ -171,10 +172,14 @@ async def serve(config: ServerConfig) -> None:
             await stopped
     finally:
         await reloader.stop()  # no model swap during the drain
-        await health_servicer.enter_graceful_shutdown()
         # Refuses new calls from now on. The grace period is the drain's to enforce (below); gRPC's own
         # timer gets a second more, or the two race and a cut call could be reported as drained.
         stopping = asyncio.ensure_future(server.stop(config.grace_period_s + 1.0))
+        # Health goes NOT_SERVING only once the shutdown's GOAWAY has had a moment to reach the clients: one that
+        # sees NOT_SERVING and sends a last call must find the door shut (UNAVAILABLE, safe to retry elsewhere),
+        # not race the GOAWAY onto the closing connection (where gRPC may answer CANCELLED: 1 run in ~16 on a busy box).
+        await asyncio.sleep(GOAWAY_FLUSH_S)
+        await health_servicer.enter_graceful_shutdown()
         log.info("stopping: health NOT_SERVING, new calls refused, draining %d accepted calls (grace period %g s)",
                  service.active, config.grace_period_s)
         drained = await service.drain(config.grace_period_s)
