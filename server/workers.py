@@ -43,7 +43,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def worker_threads(config: ServerConfig, device: torch.device) -> tuple[int, int]:
-    """(torch threads, decode threads) per worker: the flags if given, else the defaults on each worker's share of the cores."""
+    """(torch threads, model threads (--decode-workers)) per worker: the flags if given, else the defaults on each worker's share of the cores."""
     share = max(1, cpu_count() // config.workers)
     return config.torch_threads or default_torch_threads(device, cores=share), config.decode_workers or share
 
@@ -182,7 +182,7 @@ async def supervise(config: ServerConfig, argv: list[str], *, device: torch.devi
         await supervisor.all_ready.wait()
         if not supervisor.stopping:
             metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
-            log.info("ready on %s (%d workers, each torch threads %d, decode threads %d; metrics %s; up in %.1f s)",
+            log.info("ready on %s (%d workers, each torch threads %d, model threads %d; metrics %s; up in %.1f s)",
                      address(config.host, supervisor.port), config.workers, torch_threads, decode_workers, metrics_url, time.monotonic() - started)
         await supervisor.wait_all()
     finally:
