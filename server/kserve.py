@@ -15,8 +15,8 @@ need nothing but ModelMetadata to call the model, named `bitmoji` unless
 A request sends exactly one of the inputs (a model without image
 preprocessing takes one FP32 input named `input`). ModelInfer takes the same
 path as Classify (`ClassifierService.infer`: admission, then the dynamic
-batcher, whose model threads decode), so calls of both protocols batch together, obey the same
-limits and give the same numbers. Outputs come back in `raw_output_contents`
+batcher, whose model threads decode), so calls of both protocols batch
+together, obey the same limits and give the same numbers. Outputs come back in `raw_output_contents`
 (what tritonclient reads), in the order asked for; all of them when none is
 asked for. Readiness is the health service's: ServerReady and ModelReady say
 true exactly while `grpc.health.v1` says SERVING.
@@ -283,10 +283,10 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         outputs = requested_outputs(request, model)
         items = await decode_request(request, model)
         try:
-            results, version, ran = await self._service.infer(items, context)
+            results, ran = await self._service.infer(items, context)
         except InputError as exc:
             raise _relabel(exc, request.inputs[0].name) from None
-        response = kpb.ModelInferResponse(model_name=self.model_name, model_version=version, id=request.id)
+        response = kpb.ModelInferResponse(model_name=self.model_name, model_version=ran.version, id=request.id)
         encode_outputs(response, outputs, results, ran)
         return response
 

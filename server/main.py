@@ -27,8 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from server.batcher import Batcher
-from server.inputs import decode_input
 from server.config import ServerConfig, cpu_count, parse_config
+from server.inputs import decode_input
 from server.metrics import Metrics
 from server.model import ServedModel, error_summary, resolve_device
 from server.reload import ModelReloader
@@ -72,8 +72,8 @@ def default_torch_threads(device: torch.device, cores: int | None = None) -> int
     """Half the cores on CPU (the rest decode and run gRPC), one with CUDA.
 
     The forward pass shares the machine with the other model threads' decoding
-    and the event loop; OpenMP threads that outnumber the free cores spin and stall each
-    other (measured on a busy 2-core box: the CNN at batch 1 took 6 ms with
+    and the event loop; OpenMP threads that outnumber the free cores spin and
+    stall each other (measured on a busy 2-core box: the CNN at batch 1 took 6 ms with
     one thread, 325 ms with two).
     """
     return max(1, (cores or cpu_count()) // 2) if device.type == "cpu" else 1

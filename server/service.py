@@ -198,19 +198,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._end("StreamClassify", code, start)
 
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        results, version, model = await self.infer(request.inputs, context)
+        results, model = await self.infer(request.inputs, context)
         positive, negative = model.positive_label, model.negative_label
         Prediction = pb.Prediction
         return pb.ClassifyResponse(
             predictions=[Prediction(label=positive if p >= 0.5 else negative, probability=p, logit=z) for z, p in results],
-            model_version=version,
+            model_version=model.version,
         )
 
-    async def infer(self, inputs, context) -> tuple[list, str, ServedModel]:
+    async def infer(self, inputs, context) -> tuple[list, ServedModel]:
         """The path of every inference (Classify's, and ModelInfer's in `server.kserve`): check, then queue raw items.
 
-        The batcher's model threads decode and run them. Returns one [logit, probability] per item, the version
-        of the model that ran them, and that model.
+        The batcher's model threads decode and run them. Returns one [logit, probability] per item and the
+        model that ran them.
         """
         n = len(inputs)
         if n == 0:
@@ -223,8 +223,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         arrived = time.monotonic()
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
-        results, model = await self._batcher.run(inputs, arrived=arrived, deadline=deadline)
-        return results, model.version, model
+        return await self._batcher.run(inputs, arrived=arrived, deadline=deadline)
 
     # -- GradientProbe --------------------------------------------------------
 
