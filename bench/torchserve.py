@@ -123,7 +123,7 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
 class TorchServe:
     """A foreground `torchserve` in a directory of its own (its pid file too: TMPDIR), on free loopback ports."""
 
-    def __init__(self, model: str, workdir: Path, *, timeout: float = 240):
+    def __init__(self, model: str, workdir: Path, image: bytes, *, timeout: float = 240):
         self.workdir = workdir
         store = workdir / "store"
         store.mkdir(parents=True)
@@ -149,16 +149,19 @@ class TorchServe:
                                       "--model-store", str(store)], cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.target = f"127.0.0.1:{self.grpc_port}"
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(predictions_request(image), timeout)
+        except BaseException:
+            self.stop()  # never leave its Java frontend and workers running
+            raise
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, request: bytes, timeout: float) -> None:
         import grpc
 
-        request = predictions_request(real_images(None, 1)[0])
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.target) as channel:
             call = channel.unary_unary(PREDICTIONS)
@@ -216,7 +219,7 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, duration: float = 5.
     with tempfile.TemporaryDirectory() as tmp:
         model = str(export_model(name, tmp)) if name in ("mlp", "cnn") else name
         progress(f"torchserve: starting TorchServe ({SETTINGS}) and this server on {model}")
-        ts = TorchServe(model, Path(tmp) / "torchserve")
+        ts = TorchServe(model, Path(tmp) / "torchserve", images[0])
         ours = None
         try:
             ours = start_server(model, list(server_args))
