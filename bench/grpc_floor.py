@@ -43,7 +43,7 @@ async def _serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None, channels: int = 2) -> dict:
+def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None) -> dict:
     from bench import load
 
     port = free_port()
@@ -58,7 +58,7 @@ def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None,
         for c in levels:
             progress(f"grpc_floor: concurrency {c}, {warmup:g} s warm-up + {duration:g} s...")
             row = load.run_level(target, requests, c, duration=duration, warmup=warmup, procs=load.auto_procs(c),
-                                 channels=channels, server_pids=[proc.pid])
+                                 server_pids=[proc.pid])
             progress(f"  {row['images_per_s']:.0f} calls/s, p50 {row['p50']:.2f} ms, server {row['server_cpu_cores']:.2f} cores "
                      f"({row['server_cpu_ms_per_image']:.3f} CPU ms/call)")
             rows.append(row)

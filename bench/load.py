@@ -2,7 +2,9 @@
 
 The load generator runs in processes of its own (never the server's), and is
 made cheap per call so it leaves the CPU to the server: grpc.aio, one
-coroutine per concurrent caller, a few channels per process, and requests
+coroutine per concurrent caller, several channels (TCP connections) per
+process (8 by default: `--workers` spreads connections, not calls, over its
+processes, and with 2 connections both landed on one worker half the time), and requests
 serialised once (the generic `unary_unary` with no serialisers sends the
 pre-encoded bytes as they are, and hands back the response bytes unparsed).
 Each call carries one 128x128 PNG of the real bitmoji set, rotating through a few.
@@ -37,6 +39,7 @@ from bench.common import (CLASSIFY, classify_request, cores, export_model, image
 
 DEFAULT_LEVELS = (1, 8, 32, 64)
 CALL_TIMEOUT_S = 10.0
+DEFAULT_CHANNELS = 8  # per generator process; see the module docstring
 
 
 # -- the generator (runs in its own process) -------------------------------------
@@ -108,7 +111,7 @@ def _generator_main(args, queue) -> None:
 
 
 def run_level(target: str, requests: list[bytes], concurrency: int, *, duration: float, warmup: float,
-              procs: int = 1, channels: int = 2, server_pids: list[int] = (), method: str = CLASSIFY) -> dict:
+              procs: int = 1, channels: int = DEFAULT_CHANNELS, server_pids: list[int] = (), method: str = CLASSIFY) -> dict:
     """One concurrency level with `procs` generator processes; -> throughput, latency, errors, CPU.
 
     `requests` are serialised messages for the unary `method` (Classify's by default; another server's for comparisons).
@@ -222,7 +225,7 @@ def auto_procs(concurrency: int) -> int:
 
 
 def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None = None, duration: float = 5.0,
-        warmup: float = 1.0, n_images: int = 8, data=None, procs: int | None = None, channels: int = 2,
+        warmup: float = 1.0, n_images: int = 8, data=None, procs: int | None = None, channels: int = DEFAULT_CHANNELS,
         server_args: list[str] = (), server_cwd: str | None = None, label: str | None = None) -> dict:
     """Start the server (or use `target`) and run every level (`--server-arg=--workers=2`: two server processes)."""
     images = real_images(data, n_images)
@@ -294,7 +297,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=8, help="distinct real images to rotate through")
     p.add_argument("--data", default=None, help="the real bitmoji set (default ../shared/data/bitmoji)")
     p.add_argument("--procs", type=int, default=None, help="generator processes (default 1, 2 from concurrency 64)")
-    p.add_argument("--channels", type=int, default=2, help="channels (TCP connections) per generator process")
+    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS, help="channels (TCP connections) per generator process (default %(default)s)")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--torch-threads=1")
     p.add_argument("--server-cwd", default=None, help="run `python -m server` from this directory (a patched copy, for experiments)")
     p.add_argument("--quick", action="store_true", help="--duration 1 --warmup 0.3")

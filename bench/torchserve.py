@@ -7,9 +7,10 @@ TorchServe is set up as the issue measured it: gRPC `Predictions`, 2 workers,
 batching 32 / 5 ms, the same exported MLP loaded with `torch.jit.load`, and a
 handler that decodes with this project's own `trainer.preprocess.load_image`,
 so both servers do the same work per image (their answers are compared before
-measuring). The levels alternate between the servers (per level, which goes
-first alternates too), so the box's drift hits both alike. Without torchserve
-installed it says so and measures nothing.
+measuring). This server runs twice beside it: as one process (the default) and
+with `--workers 2`, as many processes as TorchServe has workers. The servers
+take turns at each level (who goes first rotates), so the box's drift hits
+all alike. Without torchserve installed it says so and measures nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, classify_request, cores, export_model, free_port, loadavg, machine, progress, real_images,
+from bench.common import (CLASSIFY, ROOT, classify_request, cores, export_model, free_port, loadavg, machine, progress, real_images,
                           start_server, write_json)
 from bench.load import DEFAULT_LEVELS, auto_procs, run_level, scrape, stage_means
 
@@ -209,31 +210,41 @@ def agree(ts_target: str, our_target: str, images: list[bytes]) -> float:
 
 def run(levels=DEFAULT_LEVELS, *, model: str | None = None, duration: float = 5.0, warmup: float = 1.0, n_images: int = 8,
         data=None, server_args: list[str] = ()) -> dict:
-    """Both servers up; per level, each under the same load in turn. {"skipped": why} without TorchServe."""
+    """TorchServe and this server, as one process and as `--workers` processes, each under the same load in turn.
+
+    TorchServe runs SETTINGS["workers"] model processes behind its frontend; "ours_workers" is this server with as
+    many processes (`--workers`), the like-for-like setting; "ours" the default single process.
+    {"skipped": why} without TorchServe.
+    """
     why = missing()
     if why:
         progress(f"torchserve: skipped: {why}")
         return {"benchmark": "torchserve", "skipped": why}
     images = real_images(data, n_images)
     name = model or "mlp"
+    workers_args = [*server_args, f"--workers={SETTINGS['workers']}"]
     with tempfile.TemporaryDirectory() as tmp:
         model = str(export_model(name, tmp)) if name in ("mlp", "cnn") else name
         progress(f"torchserve: starting TorchServe ({SETTINGS}) and this server on {model}")
         ts = TorchServe(model, Path(tmp) / "torchserve", images[0])
-        ours = None
+        ours = ours_workers = None
         try:
             ours = start_server(model, list(server_args))
-            difference = agree(ts.target, ours.target, images)
+            ours_workers = start_server(model, workers_args)
+            difference = max(agree(ts.target, ours.target, images), agree(ts.target, ours_workers.target, images))
             if difference > 1e-4:
                 raise RuntimeError(f"the servers disagree (probabilities differ by up to {difference:.2g}): not the same work")
+            classify = [classify_request(b) for b in images]
             servers = {
                 "torchserve": (ts.target, [predictions_request(b) for b in images], [ts.pid], PREDICTIONS, None),
-                "ours": (ours.target, [classify_request(b) for b in images], [ours.pid], "/bitmoji.v1.Classifier/Classify", ours),
+                "ours": (ours.target, classify, [ours.pid], CLASSIFY, ours),
+                "ours_workers": (ours_workers.target, classify, [ours_workers.pid], CLASSIFY, ours_workers),
             }
+            order = list(servers)
             rows = []
             for i, c in enumerate(levels):
                 row = {"concurrency": c}
-                for name in (("torchserve", "ours") if i % 2 == 0 else ("ours", "torchserve")):
+                for name in order[i % len(order):] + order[:i % len(order)]:  # who goes first rotates level by level
                     target, requests, pids, method, server = servers[name]
                     progress(f"torchserve: concurrency {c}, {name}: {warmup:g} s warm-up + {duration:g} s...")
                     before = scrape(server)
@@ -242,15 +253,19 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, duration: float = 5.
                     row[name] = r
                     progress(f"  {r['images_per_s']:.0f} img/s, p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['error_count']}, "
                              f"server {r['server_cpu_cores']:.2f} cores")
-                row["throughput_ratio"] = row["ours"]["images_per_s"] / max(row["torchserve"]["images_per_s"], 1e-9)
+                theirs = max(row["torchserve"]["images_per_s"], 1e-9)
+                row["throughput_ratio"] = row["ours"]["images_per_s"] / theirs
+                row["workers_throughput_ratio"] = row["ours_workers"]["images_per_s"] / theirs
                 rows.append(row)
         finally:
-            if ours is not None:
-                ours.stop()
+            for server in (ours, ours_workers):
+                if server is not None:
+                    server.stop()
             ts.stop()
     return {"benchmark": "torchserve", "torchserve_version": _version("torchserve"), "torchserve_settings": SETTINGS,
-            "server_args": list(server_args), "model": name, "max_probability_difference": difference,
-            "duration_s": duration, "warmup_s": warmup, "n_images": len(images), "rows": rows, "loadavg": loadavg()}
+            "server_args": list(server_args), "workers_server_args": workers_args, "model": name,
+            "max_probability_difference": difference, "duration_s": duration, "warmup_s": warmup, "n_images": len(images),
+            "rows": rows, "loadavg": loadavg()}
 
 
 def _version(package: str) -> str:
@@ -276,11 +291,14 @@ def main(argv=None) -> dict:
     result = run(levels, model=args.model, duration=args.duration, warmup=args.warmup, data=args.data, server_args=args.server_arg)
     result["machine"] = machine()
     if "rows" in result:
-        print(f"{'conc':>5} {'TorchServe img/s':>17} {'p50 ms':>7} {'p99 ms':>7} {'ours img/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6}")
+        n = SETTINGS["workers"]
+        print(f"{'conc':>5} {'TorchServe img/s':>17} {'p50 ms':>7} {'p99 ms':>7} {'ours img/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} "
+              f"{f'--workers {n} img/s':>19} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6}")
         for r in result["rows"]:
-            t, o = r["torchserve"], r["ours"]
+            t, o, w = r["torchserve"], r["ours"], r["ours_workers"]
             print(f"{r['concurrency']:>5} {t['images_per_s']:>17.0f} {t['p50']:>7.2f} {t['p99']:>7.2f} "
-                  f"{o['images_per_s']:>11.0f} {o['p50']:>7.2f} {o['p99']:>7.2f} {r['throughput_ratio']:>6.2f}")
+                  f"{o['images_per_s']:>11.0f} {o['p50']:>7.2f} {o['p99']:>7.2f} {r['throughput_ratio']:>6.2f} "
+                  f"{w['images_per_s']:>19.0f} {w['p50']:>7.2f} {w['p99']:>7.2f} {r['workers_throughput_ratio']:>6.2f}")
         print(f"loadavg {loadavg()} on {cores()} cores")
     write_json(args.json, result)
     return result

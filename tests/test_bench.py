@@ -136,7 +136,8 @@ def test_run_all_report_and_plot(tmp_path):
         "probe": {"classify_ms": percentiles([1.0]), "probe_ms": percentiles([2.0]), "p50_ratio": 2.0, "calls": 1, "loadavg": [1, 1, 1]},
         "torchserve": {"torchserve_version": "0.12.0", "torchserve_settings": torchserve.SETTINGS, "max_probability_difference": 1e-6,
                        "rows": [{"concurrency": 32, "torchserve": {**row, "images_per_s": 500.0}, "ours": {**row, "images_per_s": 800.0},
-                                 "throughput_ratio": 1.6}]},
+                                 "throughput_ratio": 1.6, "ours_workers": {**row, "images_per_s": 450.0},
+                                 "workers_throughput_ratio": 0.9}]},
     }
     verdicts = {t[0]: t[3] for t in run_all.targets(r)}
     assert verdicts["MLP throughput, concurrency 32"] == "**met**"
@@ -144,13 +145,16 @@ def test_run_all_report_and_plot(tmp_path):
     assert verdicts["MLP throughput, concurrency 64, --workers 2"] == "**met**"
     assert verdicts["p50 latency, concurrency 1"] == "**met**"
     assert verdicts["GradientProbe p50 / Classify p50, one image"] == "**met**"
-    assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32"] == "**met**"
+    assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32"] == "**met**; **met**"
+    assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32, --workers 2"] == "**not met**; **not met**"
     png = run_all.plot(r, tmp_path / "throughput.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = run_all.markdown(r, "throughput.png")
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
     assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
-    assert "## TorchServe 0.12.0 side by side" in text and "| 32 | 500 |" in text and "| 1.60x |" in text
+    assert "## TorchServe 0.12.0 side by side" in text and "| 32 | 500 |" in text and "| 1.60x | 450 |" in text and "| 0.90x |" in text
+    r["torchserve"]["rows"][0] = {k: v for k, v in r["torchserve"]["rows"][0].items() if not k.startswith(("ours_workers", "workers_"))}
+    assert "| 1.60x | | | | | |" in run_all.markdown(r, None)  # a result from before the --workers column still renders
     r["torchserve"] = {"skipped": "torchserve not found"}
     assert "Skipped: torchserve not found." in run_all.markdown(r, None)
 
