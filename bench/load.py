@@ -13,7 +13,8 @@ Per level: a warm-up, then a fixed measuring window; throughput = calls
 completed in the window / its length; latency percentiles of those calls;
 errors by status code; the CPU the generator and the server used in the window
 (in cores: 1.0 = one core busy all the time); and, from the server's
-/metrics, the mean batch size and the per-stage times (decode, queue wait, forward).
+/metrics, the mean batch size and the per-stage times (decode, queue wait, forward,
+protobuf parse and serialisation).
 
     python -m bench.load --model mlp --concurrency 1,8,32,64 --duration 5
     python -m bench.load --target 127.0.0.1:50051 --concurrency 32
@@ -180,16 +181,18 @@ def scrape(server) -> dict:
             if s.name.endswith(("_sum", "_count")) and family.name.startswith("bitmoji_"):
                 if s.labels.get("method") not in (None, "Classify"):
                     continue
-                out[s.name] = out.get(s.name, 0.0) + s.value
+                key = s.name + (f"/{s.labels['direction']}" if "direction" in s.labels else "")
+                out[key] = out.get(key, 0.0) + s.value
     return out
 
 
 def stage_means(before: dict, after: dict) -> dict:
     """Mean per-stage figures over a level, from two scrapes."""
 
-    def mean(name: str, scale: float = 1000.0):
-        n = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
-        s = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
+    def mean(name: str, scale: float = 1000.0, direction: str = ""):
+        count, total = f"{name}_count{direction}", f"{name}_sum{direction}"
+        n = after.get(count, 0) - before.get(count, 0)
+        s = after.get(total, 0) - before.get(total, 0)
         return (s / n * scale) if n else None
 
     return {
@@ -198,6 +201,8 @@ def stage_means(before: dict, after: dict) -> dict:
         "queue_wait_ms": mean("bitmoji_queue_wait_seconds"),
         "forward_ms_per_batch": mean("bitmoji_forward_duration_seconds"),
         "server_request_ms": mean("bitmoji_request_duration_seconds"),
+        "parse_ms": mean("bitmoji_serialization_duration_seconds", direction="/request"),
+        "serialize_ms": mean("bitmoji_serialization_duration_seconds", direction="/response"),
     }
 
 

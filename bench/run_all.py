@@ -258,13 +258,13 @@ def markdown(r: dict, plot: str | None) -> str:
         L += ["", f"## {title}", "", f"`{r['commands'][step]}` (the generator runs in its own process(es); "
               f"server ready after {_fmt(lr.get('server_ready_s'))} s).", "",
               "| concurrency | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | decode ms | queue wait ms | forward ms/batch "
-              "| server CPU (cores) | server CPU ms/img | generator CPU (cores) | load average |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| parse + serialise ms | server CPU (cores) | server CPU ms/img | generator CPU (cores) | load average |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in lr["rows"]:
             L.append(f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p90'])} | {_fmt(row['p99'])} "
                      f"| {row['error_count']} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('decode_ms'), '.3f')} "
                      f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
-                     f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
+                     f"| {_codec_ms(row)} | {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
                      f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |")
     ts = r.get("torchserve")
     if ts and ts.get("skipped"):
@@ -333,6 +333,12 @@ def markdown(r: dict, plot: str | None) -> str:
         L += ["", "## Throughput and p99 vs concurrency", "", f"![throughput and p99 vs concurrency]({plot})"]
     L += ["", "## Commands", "", "```", *(f"{c}" for c in r["commands"].values()), "```", ""]
     return "\n".join(L)
+
+
+def _codec_ms(row: dict) -> str:
+    """Mean protobuf parse of a request plus serialisation of a response, per call ("-" in results from before the metric)."""
+    parse, serialize = row.get("parse_ms"), row.get("serialize_ms")
+    return "-" if parse is None or serialize is None else f"{parse + serialize:.3f}"
 
 
 def plot(r: dict, path: Path) -> Path | None:

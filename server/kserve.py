@@ -48,6 +48,7 @@ from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc as kpb_grpc
 from server.inputs import MAX_RANK, InputError
 from server.model import ServedModel
+from server.serialization import add_timed
 from server.service import ClassifierService, ServiceError, _observed
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -291,7 +292,11 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def add_to_server(server, service: ClassifierService, health_servicer, *, model_name: str = DEFAULT_MODEL_NAME) -> str:
-    """Serve `inference.GRPCInferenceService` on `server`; returns its full name (for health and reflection)."""
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(service, health_servicer, model_name=model_name), server)
+def add_to_server(server, service: ClassifierService, health_servicer, *, serialization, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """Serve `inference.GRPCInferenceService` on `server`; returns its full name (for health and reflection).
+
+    `serialization`: a histogram (labels method, direction) that times each message's parse and serialisation.
+    """
+    servicer = KServeService(service, health_servicer, model_name=model_name)
+    add_timed(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server, serialization)
     return SERVICE_NAME

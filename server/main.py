@@ -33,6 +33,7 @@ from server.metrics import Metrics
 from server.model import ServedModel, error_summary, resolve_device
 from server.reload import ModelReloader
 from server.security import TokenAuthInterceptor, describe, server_credentials, tokens
+from server.serialization import add_timed
 from server.service import SERVICE_NAME, ClassifierService
 from trainer.modelfile import ModelFileError, load_model
 
@@ -123,13 +124,14 @@ async def serve(config: ServerConfig) -> None:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
-    pb_grpc.add_ClassifierServicer_to_server(service, server)
+    add_timed(pb_grpc.add_ClassifierServicer_to_server, service, server, metrics.serialization_duration)
     health_servicer = health.aio.HealthServicer()
     # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships the
     # same `inference.*` protobuf messages, and a process that imports server.main (a test) may load tritonclient.
     from server import kserve
 
-    services = (SERVICE_NAME, kserve.add_to_server(server, service, health_servicer, model_name=config.model_name))
+    services = (SERVICE_NAME, kserve.add_to_server(server, service, health_servicer, model_name=config.model_name,
+                                                  serialization=metrics.serialization_duration))
     for name in ("", *services):
         await health_servicer.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -51,6 +51,11 @@ class Metrics:
             "bitmoji_forward_duration_seconds", "Time of one batched forward pass, including the copies to and from the device.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.serialization_duration = Histogram(
+            "bitmoji_serialization_duration_seconds",
+            "Protobuf parse of one request (direction=request) or serialisation of one response (direction=response), by method.",
+            ["method", "direction"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.batch_size = Histogram("bitmoji_batch_size", "Items in each executed model batch.", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "bitmoji_queue_depth", "Items accepted and not yet taken into a model batch.",

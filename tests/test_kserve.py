@@ -271,6 +271,8 @@ def test_metrics_count_kserve_calls_and_items(server, client):
     assert delta("bitmoji_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
     assert delta("bitmoji_requests_total", method="ServerReady", code="OK") == 1
     assert delta("bitmoji_items_total") == 3  # the dynamic batcher ran them, like Classify's
+    assert delta("bitmoji_serialization_duration_seconds_count", method="ModelInfer", direction="request") == 2
+    assert delta("bitmoji_serialization_duration_seconds_count", method="ModelInfer", direction="response") == 1
 
 
 def test_model_name_flag_defaults_to_bitmoji(monkeypatch):

@@ -289,6 +289,11 @@ def test_metrics_count_calls_by_method_and_code(cnn, stub):
     assert delta("bitmoji_preprocess_duration_seconds_count") == 6
     assert delta("bitmoji_queue_wait_seconds_count") == 6
     assert delta("bitmoji_forward_duration_seconds_count") >= 3
+    # every request is parsed (the empty one too); only answered calls serialise a response
+    assert delta("bitmoji_serialization_duration_seconds_count", method="Classify", direction="request") == 4
+    assert delta("bitmoji_serialization_duration_seconds_count", method="Classify", direction="response") == 3
+    assert delta("bitmoji_serialization_duration_seconds_count", method="GetModelInfo", direction="response") == 1
+    assert delta("bitmoji_serialization_duration_seconds_sum", method="Classify", direction="request") > 0
     assert sample(after, "bitmoji_torch_threads") >= 1
     assert sample(after, "bitmoji_inflight_requests") == 0
     info = [labels for (name, labels), value in after.items() if name == "bitmoji_model_info" and value == 1]
