@@ -49,7 +49,7 @@ from inference import grpc_service_pb2_grpc as kpb_grpc
 from server.inputs import MAX_RANK, InputError
 from server.model import ServedModel
 from server.serialization import add_timed
-from server.service import ClassifierService, ServiceError, _observed
+from server.service import ClassifierService, ServiceError, observed
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MODEL_NAME = "bitmoji"
@@ -229,12 +229,12 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         self.model_name = model_name
         self._version = _server_version()
 
-    # `_observed` counts, times and maps errors: the same bookkeeping (and drain) as Classify's calls.
-    def _begin(self) -> None:
-        self._service._begin()
+    # `observed` counts, times and maps errors: the same bookkeeping (and drain) as Classify's calls.
+    def begin_call(self) -> None:
+        self._service.begin_call()
 
-    def _end(self, method, code, start) -> None:
-        self._service._end(method, code, start)
+    def end_call(self, method, code, start) -> None:
+        self._service.end_call(method, code, start)
 
     async def _serving(self, name: str) -> bool:
         response = await self._health.Check(health_pb2.HealthCheckRequest(service=name), _ReadOnlyContext())
@@ -251,24 +251,24 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
             )
         return model
 
-    @_observed("ServerLive")
+    @observed("ServerLive")
     async def ServerLive(self, request, context):
         return kpb.ServerLiveResponse(live=True)  # answering at all is being live
 
-    @_observed("ServerReady")
+    @observed("ServerReady")
     async def ServerReady(self, request, context):
         return kpb.ServerReadyResponse(ready=await self._serving(""))
 
-    @_observed("ModelReady")
+    @observed("ModelReady")
     async def ModelReady(self, request, context):
         self._model(request.name, request.version)
         return kpb.ModelReadyResponse(ready=await self._serving(SERVICE_NAME))
 
-    @_observed("ServerMetadata")
+    @observed("ServerMetadata")
     async def ServerMetadata(self, request, context):
         return kpb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
 
-    @_observed("ModelMetadata")
+    @observed("ModelMetadata")
     async def ModelMetadata(self, request, context):
         model = self._model(request.name, request.version)
         TensorMetadata = kpb.ModelMetadataResponse.TensorMetadata
@@ -278,7 +278,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
             outputs=[TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in output_tensors(model)],
         )
 
-    @_observed("ModelInfer")
+    @observed("ModelInfer")
     async def ModelInfer(self, request, context):
         model = self._model(request.model_name, request.model_version)
         outputs = requested_outputs(request, model)

@@ -3,7 +3,7 @@
 Shaped like gRPC's own asyncio examples: one coroutine per RPC. Per-call work
 on the event loop is kept small: decoding and the forward pass run on the
 batcher's model threads, GradientProbe on a thread of its own (so a
-probe never holds up a batch). Every RPC is counted and timed by `_observed`,
+probe never holds up a batch). Every RPC is counted and timed by `observed`,
 and every failure becomes a status code with a message (see `_status`), never
 a crash and never a payload in the logs.
 """
@@ -68,15 +68,16 @@ def _status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}"
 
 
-def _observed(method: str):
-    """Count, time and map errors to statuses for one unary RPC."""
+def observed(method: str):
+    """Count, time and map errors to statuses for one unary RPC of a servicer with `begin_call()` and
+    `end_call(method, code, start)` (ClassifierService, and the KServe servicer that shares its bookkeeping)."""
 
     def decorate(handler):
         @functools.wraps(handler)
         async def wrapper(self: "ClassifierService", request, context):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
-            self._begin()
+            self.begin_call()
             try:
                 return await handler(self, request, context)
             except asyncio.CancelledError:
@@ -86,7 +87,7 @@ def _observed(method: str):
                 code, message = _status(exc, method)
                 await context.abort(code, message)
             finally:
-                self._end(method, code, start)
+                self.end_call(method, code, start)
 
         return wrapper
 
@@ -127,11 +128,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- bookkeeping ----------------------------------------------------------
 
-    def _begin(self) -> None:
+    def begin_call(self) -> None:
+        """An RPC started: counted in flight until `end_call`, and waited for by `drain`."""
         self.active += 1
         self._metrics.inflight.inc()
 
-    def _end(self, method: str, code: grpc.StatusCode, start: float) -> None:
+    def end_call(self, method: str, code: grpc.StatusCode, start: float) -> None:
         self.active -= 1
         self._metrics.inflight.dec()
         self._metrics.requests.labels(method, code.name).inc()
@@ -156,7 +158,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- Classify -------------------------------------------------------------
 
-    @_observed("Classify")
+    @observed("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         return await self._classify(request, context)
 
@@ -167,7 +169,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         """
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        self._begin()
+        self.begin_call()
         window = asyncio.Semaphore(STREAM_WINDOW)
         tasks: asyncio.Queue = asyncio.Queue()
 
@@ -195,7 +197,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         finally:
             for task in [reader, *(t for t in _drain(tasks) if t is not None)]:
                 _discard(task)
-            self._end("StreamClassify", code, start)
+            self.end_call("StreamClassify", code, start)
 
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         results, model = await self.infer(request.inputs, context)
@@ -227,7 +229,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- GradientProbe --------------------------------------------------------
 
-    @_observed("GradientProbe")
+    @observed("GradientProbe")
     async def GradientProbe(self, request: pb.GradientProbeRequest, context) -> pb.GradientProbeResponse:
         if not self._config.gradient_probe:
             # UNIMPLEMENTED: "not implemented or not supported/enabled in this service" (gRPC's status
@@ -293,7 +295,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- GetModelInfo ---------------------------------------------------------
 
-    @_observed("GetModelInfo")
+    @observed("GetModelInfo")
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         model = self._batcher.model
         loaded, config = model.loaded, self._config
