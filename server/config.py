@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from trainer.preprocess import DEFAULT_MAX_PIXELS
 
+OPTIMIZE_MODES = ("auto", "on", "off")
+
 ENV_PREFIX = "BITMOJI_"
 
 
@@ -43,6 +45,7 @@ class ServerConfig:
     workers: int = 1  # server processes sharing the port (see server.workers)
     decode_workers: int | None = None  # model threads (decode + forward); None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
+    optimize: str = "auto"  # Classify's forward on a frozen, optimized copy: auto (when faster) | on | off (see ServedModel.optimized)
     input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
     gradient_probe: bool = True
     grace_period_s: float = 10.0
@@ -67,6 +70,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        if self.optimize not in OPTIMIZE_MODES:
+            raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE_MODES)} (got {self.optimize!r})")
         for name in ("max_batch_delay_ms", "grace_period_s", "warmup_delay_s", "reload_poll_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
@@ -172,6 +177,9 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
          "each gets its share of the cores")
     flag("decode-workers", int, "model threads: each decodes a batch of queued items and runs its forward pass (default: one per core)")
     flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
+    flag("optimize", str, "auto, on or off: run Classify on a frozen copy passed through torch.jit.optimize_for_inference "
+         "(checked to give the same logits); auto times both at start-up and keeps the faster (CPU only)",
+         choices=OPTIMIZE_MODES)
     flag("input-shape", _shape, "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)")
     flag("disable-gradient-probe", _bool, "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",
          default=False, nargs="?", const=True)

@@ -159,7 +159,9 @@ async def serve(config: ServerConfig) -> None:
         if not warm.done():
             warm.cancel()
         else:
-            sizes = warm.result()  # a model that fails warm-up fails start-up
+            model, sizes, forward = warm.result()  # a model that fails warm-up fails start-up
+            service.swap_model(model)  # before the model threads start: every batch runs the chosen module
+            log.info("Classify's forward pass: %s", forward)
             batcher.start()
             for name in ("", *services):
                 await health_servicer.set(name, SERVING)
@@ -199,14 +201,16 @@ async def serve(config: ServerConfig) -> None:
         log.info("stopped%s", "" if drained else f" (calls still running after the {config.grace_period_s:g} s grace period were cancelled)")
 
 
-async def _warm_up(model: ServedModel, config: ServerConfig) -> list[int]:
+async def _warm_up(model: ServedModel, config: ServerConfig) -> tuple[ServedModel, list[int], str]:
+    """Off the loop: pick Classify's forward module (`--optimize`), then warm it; -> (model, batch sizes, which module)."""
     try:
+        model, forward = await asyncio.to_thread(model.optimized, config.max_batch_size, config.optimize)
         sizes = await asyncio.to_thread(model.warmup, config.max_batch_size)
     except Exception as exc:  # the model cannot serve what its file (or --input-shape) says it takes
         raise ModelFileError(f"{config.model}: warm-up failed: {error_summary(exc)}") from None
     if config.warmup_delay_s:
         await asyncio.sleep(config.warmup_delay_s)
-    return sizes
+    return model, sizes, forward
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,21 @@ model (labels, input spec, version) is computed here once, not per call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, replace
 
 import torch
 
+from server.config import OPTIMIZE_MODES
 from server.inputs import InputSpec
-from trainer.modelfile import LoadedModel, ModelFileError
+from trainer.modelfile import LoadedModel, ModelFileError, optimize_for_inference
 from trainer.preprocess import PREPROCESSING, to_model_input
+
+
+OPTIMIZED_TOLERANCE = 1e-4  # |logit difference| (absolute and relative) the optimized copy may show
+AUTO_MIN_GAIN = 0.9  # auto: the optimized copy must take at most 0.9x the time at the largest batch...
+AUTO_MAX_LOSS = 1.1  # ...and at most 1.1x at batch 1 (the lonely caller must not pay for it)
 
 
 class ModelOutputError(RuntimeError):
@@ -61,6 +69,7 @@ class ServedModel:
     spec: InputSpec
     positive_label: str
     negative_label: str
+    forward_module: torch.jit.ScriptModule | None = None  # what Classify runs, if not `loaded.module` (see `optimized`)
 
     @classmethod
     def create(cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None) -> "ServedModel":
@@ -95,8 +104,9 @@ class ServedModel:
 
     def predict(self, batch: torch.Tensor) -> list[list[float]]:
         """A batch [N, ...] (uint8 or float32, on CPU) -> one [logit, probability] per item."""
+        module = self.module if self.forward_module is None else self.forward_module
         with torch.inference_mode():
-            out = self.module(self.to_device(batch))
+            out = module(self.to_device(batch))
             if not isinstance(out, torch.Tensor):
                 raise ModelOutputError(f"the model returned {type(out).__name__}, not a tensor")
             n = batch.shape[0]
@@ -124,5 +134,53 @@ class ServedModel:
             torch.cuda.synchronize(self.device)
         return sizes
 
+    def optimized(self, max_batch_size: int, mode: str = "auto") -> tuple["ServedModel", str]:
+        """This model with Classify's forward pass run by a frozen, optimized copy when that pays; and why.
+
+        GradientProbe keeps the module as loaded (a frozen copy has no parameters to take gradients of).
+        The copy must give the same logits as the loaded module on a random batch; "on" serves it then,
+        "auto" only if it is faster at `max_batch_size` and not slower at batch 1 (timed here, median
+        of 3); "off", a model on CUDA (not measured there yet) or one without a declared input shape
+        keep the module as loaded. Runs before the model serves (start-up warm-up, reload).
+        """
+        if mode not in OPTIMIZE_MODES:
+            raise ValueError(f"optimize mode {mode!r}: choose from {', '.join(OPTIMIZE_MODES)}")
+        if mode == "off":
+            return self, "as loaded (--optimize off)"
+        if self.device.type != "cpu" or self.spec.shape is None:
+            return self, "as loaded (optimizing needs a CPU model that declares its input shape)"
+        try:
+            candidate = replace(self, forward_module=optimize_for_inference(self.module))
+        except Exception as exc:  # a module torch cannot freeze still serves as loaded
+            return self, f"as loaded (could not optimize: {error_summary(exc, 120)})"
+        generator, shape = torch.Generator().manual_seed(0), (max_batch_size, *self.spec.shape)
+        big = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if self.spec.image_size
+               else torch.rand(shape, generator=generator))
+        want = torch.tensor([logit for logit, _p in self.predict(big)])
+        got = torch.tensor([logit for logit, _p in candidate.predict(big)])
+        difference = float((got - want).abs().max())
+        if not torch.allclose(got, want, atol=OPTIMIZED_TOLERANCE, rtol=OPTIMIZED_TOLERANCE):
+            return self, f"as loaded (the optimized copy's logits differ by up to {difference:.2g})"
+        if mode == "on":
+            return candidate, f"optimized (--optimize on; logits within {difference:.1g})"
+        times = {name: [_median_time(model.predict, batch) for batch in (big[:1], big)]
+                 for name, model in (("loaded", self), ("optimized", candidate))}
+        (one, full), (opt_one, opt_full) = times["loaded"], times["optimized"]
+        summary = (f"batch {max_batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
+                   f"batch 1: {1000 * opt_one:.2f} vs {1000 * one:.2f} ms")
+        if opt_full <= AUTO_MIN_GAIN * full and opt_one <= AUTO_MAX_LOSS * one:
+            return candidate, f"optimized ({summary}; logits within {difference:.1g})"
+        return self, f"as loaded (optimized copy not faster: {summary})"
+
     def label(self, probability: float) -> str:
         return self.positive_label if probability >= 0.5 else self.negative_label
+
+
+def _median_time(function, *args, repeats: int = 3) -> float:
+    function(*args)  # the first call of a TorchScript module at a new shape compiles
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -178,5 +178,7 @@ class ModelReloader:
         new = ServedModel.create(loaded, max_pixels=self._config.max_image_pixels, input_shape=self._config.input_shape)
         check_compatible(old, new)
         check_forward(new)
+        new, forward = new.optimized(self._config.max_batch_size, self._config.optimize)
+        log.info("reload: %s's forward pass: %s", new.version, forward)
         new.warmup(self._config.max_batch_size)
         return new

@@ -107,7 +107,9 @@ def expected_logits(module, inputs: torch.Tensor) -> list[float]:
 
 @pytest.fixture(scope="module")
 def cnn(cnn_model_file):
-    server = start_server(cnn_model_file, "--max-batch-delay-ms", "20", "--max-items-per-call", "64", "--max-probe-inputs", "4")
+    # --optimize on: every test here runs Classify on the frozen, optimized copy and GradientProbe on the module as loaded
+    server = start_server(cnn_model_file, "--max-batch-delay-ms", "20", "--max-items-per-call", "64", "--max-probe-inputs", "4",
+                          "--optimize", "on")
     yield server
     assert server.stop() == 0, server.output()
 
@@ -299,6 +301,11 @@ def test_metrics_count_calls_by_method_and_code(cnn, stub):
     info = [labels for (name, labels), value in after.items() if name == "bitmoji_model_info" and value == 1]
     assert len(info) == 1 and dict(info[0])["device"] == "cpu" and dict(info[0])["architecture"] == "cnn"
     assert delta("bitmoji_items_dropped_total", reason="cancelled") == 0
+
+
+def test_the_cnn_server_says_which_forward_module_classify_runs(cnn, stub):
+    stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)  # served: the start-up log is complete
+    assert "Classify's forward pass: optimized (--optimize on; logits within" in cnn.output()
 
 
 def test_get_model_info(stub, cnn_loaded):

@@ -1,5 +1,6 @@
 """The server's parts in-process (no subprocess, no gRPC): configuration, and the batcher's timing,
-grouping, ordering and failure rules with a real model on the real model threads.
+grouping, ordering and failure rules with a real model on the real model threads; the choice of
+Classify's forward module (--optimize).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from server.inputs import InputError
 from server.metrics import Metrics
 from server.model import ServedModel
 from trainer import modelfile
+
+from conftest import export_test_model
 
 # -- configuration ----------------------------------------------------------------
 
@@ -40,6 +43,7 @@ def test_flags_environment_and_defaults():
         ([], {"BITMOJI_MAX_BATCH_SIZE": "lots"}),
         (["--device", "tpu"], {}),
         (["--log-level", "chatty"], {}),
+        (["--optimize", "fast"], {}),
     ],
 )
 def test_bad_configuration_is_refused_with_usage(argv, env, capsys):
@@ -232,3 +236,74 @@ def test_swap_model_serves_the_new_model_from_the_next_batch(tmp_path):
     ((before, m1), (after, m2), old), _ = run_batcher(served(tmp_path), scenario)
     assert (logits(before), m1.version, old) == ([2.0], "sum-1.0", "sum-1.0")
     assert (logits(after), m2.version) == ([20.0], "sum-10.0")
+
+
+# -- Classify's forward module (--optimize) ------------------------------------------------------
+
+
+def _served_cnn(path) -> ServedModel:
+    return ServedModel.create(modelfile.load_model(path), max_pixels=1 << 20)
+
+
+def _images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 128, 128), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_optimize_on_serves_a_frozen_copy_with_the_same_logits_and_probes_keep_the_parameters(cnn_model_file):
+    from trainer.gradients import gradient_probe
+
+    plain = _served_cnn(cnn_model_file)
+    fast, why = plain.optimized(8, "on")
+    assert why.startswith("optimized (--optimize on") and fast.forward_module is not None and plain.forward_module is None
+    assert not list(fast.forward_module.parameters())  # frozen: weights are constants now
+    batch = _images(5)
+    want, got = torch.tensor(plain.predict(batch)), torch.tensor(fast.predict(batch))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # GradientProbe runs the module as loaded: still every parameter, still its gradients
+    assert fast.module is plain.module and len(list(fast.module.parameters())) == len(list(plain.module.parameters()))
+    result = gradient_probe(fast.module, fast.to_device(batch[:1]), torch.tensor([1.0]))
+    assert all(p.norm > 0 for p in result.parameters if p.name.endswith("weight"))
+
+
+def test_optimize_auto_keeps_whichever_module_it_picks_exact(cnn_model_file):
+    plain = _served_cnn(cnn_model_file)
+    chosen, why = plain.optimized(4, "auto")
+    assert why.startswith(("optimized (batch 4:", "as loaded (optimized copy not faster: batch 4:")), why
+    assert (chosen.forward_module is not None) == why.startswith("optimized")
+    batch = _images(3, seed=2)
+    torch.testing.assert_close(torch.tensor(chosen.predict(batch)), torch.tensor(plain.predict(batch)), atol=1e-4, rtol=1e-4)
+
+
+def test_optimize_off_or_no_declared_shape_keeps_the_module_as_loaded(cnn_model_file, tmp_path):
+    plain = _served_cnn(cnn_model_file)
+    assert plain.optimized(4, "off") == (plain, "as loaded (--optimize off)")
+    shapeless = served(tmp_path)  # SumNet's file declares no input shape
+    same, why = shapeless.optimized(4, "on")
+    assert same is shapeless and "declares its input shape" in why
+    with pytest.raises(ValueError, match="optimize mode 'fast'"):
+        plain.optimized(4, "fast")
+
+
+def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_served(cnn_model_file, tmp_path, monkeypatch):
+    import server.model
+
+    plain = _served_cnn(cnn_model_file)
+    other = modelfile.load_model(export_test_model("cnn", tmp_path / "other.pt", seed=7)).module  # other weights: other logits
+    monkeypatch.setattr(server.model, "optimize_for_inference", lambda module: other)
+    same, why = plain.optimized(4, "on")
+    assert same is plain and why.startswith("as loaded (the optimized copy's logits differ by up to")
+
+    def cannot(module):
+        raise RuntimeError("freezing failed")
+
+    monkeypatch.setattr(server.model, "optimize_for_inference", cannot)
+    same, why = plain.optimized(4, "on")
+    assert same is plain and why.startswith("as loaded (could not optimize: RuntimeError")
+
+
+def test_optimize_flag_and_environment():
+    assert parse_config(["--model", "m.pt"], environ={}).optimize == "auto"
+    assert parse_config(["--model", "m.pt"], environ={"BITMOJI_OPTIMIZE": "off"}).optimize == "off"
+    assert parse_config(["--model", "m.pt", "--optimize", "on"], environ={"BITMOJI_OPTIMIZE": "off"}).optimize == "on"
+    with pytest.raises(ValueError, match="--optimize must be one of"):
+        ServerConfig(model="m.pt", optimize="fast")

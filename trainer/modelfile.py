@@ -140,6 +140,16 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.jit.Scrip
     return module, metadata
 
 
+def optimize_for_inference(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """An inference-only copy of a loaded module: frozen (weights become constants, so no parameters and
+    no gradients) and passed through `torch.jit.optimize_for_inference` (on CPU it folds convolution +
+    batch norm and runs convolutions through oneDNN). Raises whatever torch raises for a module it cannot
+    freeze. The caller decides whether the copy is worth serving: it is 1.6x faster for the CNN at batch
+    8-32 here, but 3x slower for the MLP at batch 1."""
+    with quiet_torchscript():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model file onto `device`, in eval mode. Only the operator names files: a TorchScript file is code."""
     path = Path(path)
