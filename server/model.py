@@ -22,6 +22,7 @@ from trainer.preprocess import PREPROCESSING, to_model_input
 OPTIMIZED_TOLERANCE = 1e-4  # |logit difference| (absolute and relative) the optimized copy may show
 AUTO_MIN_GAIN = 0.9  # auto: the optimized copy must take at most 0.9x the time at the largest batch...
 AUTO_MAX_LOSS = 1.1  # ...and at most 1.1x at batch 1 (the lonely caller must not pay for it)
+CHECK_BATCH_CAP = 32  # the check and the timing use at most this batch: start-up stays short with --max-batch-size 256
 
 
 class ModelOutputError(RuntimeError):
@@ -139,8 +140,8 @@ class ServedModel:
 
         GradientProbe keeps the module as loaded (a frozen copy has no parameters to take gradients of).
         The copy must give the same logits as the loaded module on a random batch; "on" serves it then,
-        "auto" only if it is faster at `max_batch_size` and not slower at batch 1 (timed here, median
-        of 3); "off", a model on CUDA (not measured there yet) or one without a declared input shape
+        "auto" only if it is faster at `max_batch_size` (at most 32) and not slower at batch 1 (timed
+        here, median of 3); "off", a model on CUDA (not measured there yet) or one without a declared input shape
         keep the module as loaded. Runs before the model serves (start-up warm-up, reload).
         """
         if mode not in OPTIMIZE_MODES:
@@ -153,7 +154,8 @@ class ServedModel:
             candidate = replace(self, forward_module=optimize_for_inference(self.module))
         except Exception as exc:  # a module torch cannot freeze still serves as loaded
             return self, f"as loaded (could not optimize: {error_summary(exc, 120)})"
-        generator, shape = torch.Generator().manual_seed(0), (max_batch_size, *self.spec.shape)
+        batch_size = min(max_batch_size, CHECK_BATCH_CAP)
+        generator, shape = torch.Generator().manual_seed(0), (batch_size, *self.spec.shape)
         big = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if self.spec.image_size
                else torch.rand(shape, generator=generator))
         want = torch.tensor([logit for logit, _p in self.predict(big)])
@@ -166,7 +168,7 @@ class ServedModel:
         times = {name: [_median_time(model.predict, batch) for batch in (big[:1], big)]
                  for name, model in (("loaded", self), ("optimized", candidate))}
         (one, full), (opt_one, opt_full) = times["loaded"], times["optimized"]
-        summary = (f"batch {max_batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
+        summary = (f"batch {batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
                    f"batch 1: {1000 * opt_one:.2f} vs {1000 * one:.2f} ms")
         if opt_full <= AUTO_MIN_GAIN * full and opt_one <= AUTO_MAX_LOSS * one:
             return candidate, f"optimized ({summary}; logits within {difference:.1g})"
