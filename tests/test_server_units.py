@@ -293,6 +293,14 @@ def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_ser
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (the optimized copy's logits differ by up to")
 
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the copy breaks at run time")
+
+    monkeypatch.setattr(server.model, "optimize_for_inference", lambda module: modelfile.script(Broken()))
+    same, why = plain.optimized(4, "on")
+    assert same is plain and why.startswith("as loaded (the optimized copy failed:") and "breaks at run time" in why
+
     def cannot(module):
         raise RuntimeError("freezing failed")
 
