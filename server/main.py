@@ -103,6 +103,9 @@ async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
     threads = config.torch_threads or default_torch_threads(device)
     torch.set_num_threads(threads)
+    # torch keeps MKL's thread count per thread, and a new thread's GEMMs use every core: every thread that
+    # runs the model (loading, --optimize's timing, warm-up, reload, probes, the model threads) starts with this.
+    loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="bitmoji", initializer=torch.set_num_threads, initargs=(threads,)))
     loaded = await asyncio.to_thread(load_model, config.model, device)
     model = ServedModel.create(loaded, max_pixels=config.max_image_pixels, input_shape=config.input_shape)
 
@@ -111,9 +114,9 @@ async def serve(config: ServerConfig) -> None:
     metrics.set_model(model.version, str(device), loaded.metadata.get("architecture", "") or "")
     batcher = Batcher(
         model, decode=decode_input, max_batch_size=config.max_batch_size, max_delay_s=config.max_batch_delay_s,
-        max_queue=config.max_queue, metrics=metrics, threads=config.resolved_decode_workers,
+        max_queue=config.max_queue, metrics=metrics, threads=config.resolved_decode_workers, torch_threads=threads,
     )
-    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe")
+    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe", initializer=torch.set_num_threads, initargs=(threads,))
     service = ClassifierService(config, batcher, metrics, probe_pool=probe_pool, torch_threads=threads)
     reloader = ModelReloader(config, service, metrics)
     if early_hup:

@@ -238,6 +238,37 @@ def test_swap_model_serves_the_new_model_from_the_next_batch(tmp_path):
     assert (logits(after), m2.version) == ([20.0], "sum-10.0")
 
 
+def test_model_threads_run_with_the_servers_torch_thread_count(tmp_path):
+    """torch keeps the intra-op (and MKL) thread count per thread: a model thread must set its own."""
+    seen = []
+
+    def recording_decode(raw, index, spec):
+        seen.append(torch.get_num_threads())
+        return decode(raw, index, spec)
+
+    async def scenario(batcher):
+        return await batcher.run(items(1, 2), arrived=time.monotonic())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a new thread would inherit
+    try:
+        metrics = Metrics()
+
+        async def main():
+            batcher = Batcher(served(tmp_path), decode=recording_decode, metrics=metrics, max_batch_size=32, max_delay_s=0,
+                              max_queue=64, threads=2, torch_threads=1)
+            batcher.start()
+            try:
+                return await asyncio.wait_for(scenario(batcher), 10)
+            finally:
+                batcher.close(timeout=5)
+
+        asyncio.run(main())
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+
+
 # -- Classify's forward module (--optimize) ------------------------------------------------------
 
 
