@@ -116,7 +116,10 @@ async def serve(config: ServerConfig) -> None:
         model, decode=decode_input, max_batch_size=config.max_batch_size, max_delay_s=config.max_batch_delay_s,
         max_queue=config.max_queue, metrics=metrics, threads=config.resolved_decode_workers, torch_threads=threads,
     )
-    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe", initializer=torch.set_num_threads, initargs=(threads,))
+    # A probe's forward and backward are memory-bound passes over the weights and their gradients: its one thread
+    # gets all of this process's cores (the setting is per thread; the model threads keep theirs).
+    probe_threads = max(threads, config.resolved_decode_workers) if device.type == "cpu" else threads
+    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe", initializer=torch.set_num_threads, initargs=(probe_threads,))
     service = ClassifierService(config, batcher, metrics, probe_pool=probe_pool, torch_threads=threads)
     reloader = ModelReloader(config, service, metrics)
     if early_hup:
