@@ -93,10 +93,10 @@ def decode(raw, index: int, spec) -> torch.Tensor:
 def run_batcher(model: ServedModel, scenario, **settings):
     """Run `scenario(batcher)` on a started batcher; returns (its result, the batcher's metrics)."""
     metrics = Metrics()
-    options = {"max_batch_size": 32, "max_delay_s": 0.3, "max_queue": 64, "threads": 1, **settings}
+    options = {"decode": decode, "max_batch_size": 32, "max_delay_s": 0.3, "max_queue": 64, "threads": 1, **settings}
 
     async def main():
-        batcher = Batcher(model, decode=decode, metrics=metrics, **options)
+        batcher = Batcher(model, metrics=metrics, **options)
         batcher.start()
         try:
             return await asyncio.wait_for(scenario(batcher), 10)
@@ -252,18 +252,7 @@ def test_model_threads_run_with_the_servers_torch_thread_count(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what a new thread would inherit
     try:
-        metrics = Metrics()
-
-        async def main():
-            batcher = Batcher(served(tmp_path), decode=recording_decode, metrics=metrics, max_batch_size=32, max_delay_s=0,
-                              max_queue=64, threads=2, torch_threads=1)
-            batcher.start()
-            try:
-                return await asyncio.wait_for(scenario(batcher), 10)
-            finally:
-                batcher.close(timeout=5)
-
-        asyncio.run(main())
+        run_batcher(served(tmp_path), scenario, decode=recording_decode, max_delay_s=0, threads=2, torch_threads=1)
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
