@@ -85,15 +85,14 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"image too large to decode ({exc})") from None
     except Exception as exc:  # truncated headers raise many types
         raise ImageError(f"unreadable image header: {exc}") from None
-    try:
-        if width * height > max_pixels:
-            raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
-        if width == 0 or height == 0:
-            raise ImageError(f"image has no pixels ({width}x{height})")
-    except ImageError:
-        img.close()
-        raise
-    return img
+    if width * height > max_pixels:
+        problem = f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}"
+    elif width == 0 or height == 0:
+        problem = f"image has no pixels ({width}x{height})"
+    else:
+        return img
+    img.close()
+    raise ImageError(problem)
 
 
 def _decode_with_pillow(img: Image.Image) -> torch.Tensor:
