@@ -15,6 +15,7 @@ torchvision (1.7-2 s: it pulls in torchvision.models, torchvision.ops and
 torch._dynamo) is off this path: the server imports it on its first JPEG, WebP or GIF.
 
     python -m bench.coldstart --model mlp --runs 3
+    python -m bench.coldstart --model mlp --runs 3 --no-breakdown --server-arg=--workers=2
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ import time
 from bench.common import ROOT, export_model, free_port, loadavg, machine, progress, write_json
 
 
-def time_to_serving(model: str, timeout: float = 120.0, server_cwd=None) -> dict:
-    """One cold start: Popen -> health SERVING (and -> the ready line, and -> port open)."""
+def time_to_serving(model: str, timeout: float = 120.0, server_cwd=None, server_args=()) -> dict:
+    """One cold start: Popen -> health SERVING (and -> the first health answer).
+
+    With `--workers N` in server_args this is when the first worker answers SERVING: what a load
+    balancer's health check sees."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *server_args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=server_cwd or ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     answered = serving = None
@@ -119,17 +123,18 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     return out
 
 
-def run(model: str = "mlp", runs: int = 3, server_cwd=None, with_breakdown: bool = True) -> dict:
+def run(model: str = "mlp", runs: int = 3, server_cwd=None, with_breakdown: bool = True, server_args=()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(export_model(model, tmp)) if model in ("mlp", "cnn") else model
         times = []
         for i in range(runs):
             progress(f"coldstart: run {i + 1}/{runs}...")
-            times.append(time_to_serving(path, server_cwd=server_cwd))
+            times.append(time_to_serving(path, server_cwd=server_cwd, server_args=server_args))
             progress(f"  SERVING after {times[-1]['serving_s']:.2f} s (health answered after {times[-1]['health_answers_s']:.2f} s)")
         result = {
             "benchmark": "coldstart",
             "model": model,
+            "server_args": list(server_args),
             "runs": times,
             "serving_s_median": statistics.median(t["serving_s"] for t in times),
             "target_s": 5.0,
@@ -148,12 +153,13 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--server-cwd", default=None)
+    p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--workers=2")
     p.add_argument("--quick", action="store_true", help="--runs 1 --no-breakdown")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.no_breakdown = 1, True
-    result = run(args.model, args.runs, args.server_cwd, not args.no_breakdown)
+    result = run(args.model, args.runs, args.server_cwd, not args.no_breakdown, args.server_arg)
     result["machine"] = machine()
     print(f"cold start to SERVING: median {result['serving_s_median']:.2f} s over {args.runs} runs (target <= 5 s); loadavg {loadavg()}")
     for k, v in result.get("breakdown", {}).items():

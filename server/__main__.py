@@ -2,6 +2,6 @@
 
 import sys
 
-from server.main import main
+from server.cli import main
 
 sys.exit(main())

@@ -11,11 +11,17 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from trainer.preprocess import DEFAULT_MAX_PIXELS
-
 OPTIMIZE_MODES = ("auto", "on", "off")
 
 ENV_PREFIX = "BITMOJI_"
+# trainer.preprocess.DEFAULT_MAX_PIXELS (a test holds them equal): this module must not import torch, so that
+# the `--workers` supervisor, which parses the same flags, never loads it.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def address(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def cpu_count() -> int:
@@ -43,6 +49,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
     workers: int = 1  # server processes sharing the port (see server.workers)
+    cores: int | None = None  # cores the thread defaults are sized to; None = the CPU affinity mask (see resolved_cores)
     decode_workers: int | None = None  # model threads (decode + forward); None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
     optimize: str = "auto"  # Classify's forward on a frozen, optimized copy: auto (when faster) | on | off (see ServedModel.optimized)
@@ -66,7 +73,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        for name in ("decode_workers", "torch_threads"):
+        for name in ("cores", "decode_workers", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
@@ -104,8 +111,12 @@ class ServerConfig:
         return self.max_batch_delay_ms / 1000.0
 
     @property
+    def resolved_cores(self) -> int:
+        return self.cores or cpu_count()
+
+    @property
     def resolved_decode_workers(self) -> int:
-        return self.decode_workers or cpu_count()
+        return self.decode_workers or self.resolved_cores
 
 
 def check_token(token: str, what: str) -> str:
@@ -175,6 +186,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("max-image-pixels", int, "largest image (width x height) to decode; checked before decoding")
     flag("workers", int, "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
          "each gets its share of the cores")
+    flag("cores", int, "cores to size the thread defaults to, e.g. a container's CPU limit (default: the CPU affinity mask)")
     flag("decode-workers", int, "model threads: each decodes a batch of queued items and runs its forward pass (default: one per core)")
     flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
     flag("optimize", str, "auto, on or off: run Classify on a frozen copy passed through torch.jit.optimize_for_inference "

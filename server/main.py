@@ -1,4 +1,4 @@
-"""`bitmoji-serve`: load, warm up, serve until SIGTERM/SIGINT, drain, exit 0.
+"""One server process's life: load, warm up, serve until SIGTERM/SIGINT, drain (`serve`).
 
 Life cycle: the gRPC port opens first with health NOT_SERVING (so probes get
 an answer during warm-up); the model is warmed up at the batch sizes it will
@@ -7,17 +7,14 @@ SIGTERM or SIGINT health turns NOT_SERVING, new calls are refused, accepted
 calls get up to --grace-period-s to finish, then long-lived streams (health
 Watch) are closed, and one "stopped" line is logged. A second signal stops at
 once. SIGHUP reloads the model file (see `server.reload`); TLS and tokens are
-`server.security`'s.
+`server.security`'s. The `bitmoji-serve` command itself is `server.cli`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from server.batcher import Batcher
-from server.config import ServerConfig, cpu_count, parse_config
+from server.config import ServerConfig, address, cpu_count
 from server.inputs import decode_input
 from server.metrics import Metrics
 from server.model import ServedModel, error_summary, resolve_device
@@ -43,30 +40,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCH_FLUSH_S = 0.2
 GOAWAY_FLUSH_S = 0.05
-
-
-class _Formatter(logging.Formatter):
-    """`bitmoji-serve: ready on ...`; other levels than INFO say theirs: `bitmoji-serve: error: ...`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{record.name}: {level}{record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-
-def address(host: str, port: int) -> str:
-    """host:port, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def default_torch_threads(device: torch.device, cores: int | None = None) -> int:
@@ -101,7 +74,7 @@ async def serve(config: ServerConfig) -> None:
     if auth_token and credentials is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token without TLS on %s: tokens cross the network in clear text (add --tls-cert/--tls-key)", config.host)
     device = resolve_device(config.device)
-    threads = config.torch_threads or default_torch_threads(device)
+    threads = config.torch_threads or default_torch_threads(device, cores=config.resolved_cores)
     torch.set_num_threads(threads)
     # torch keeps MKL's thread count per thread, and a new thread's GEMMs use every core: every thread that
     # runs the model (loading, --optimize's timing, warm-up, reload, probes, the model threads) starts with this.
@@ -217,38 +190,3 @@ async def _warm_up(model: ServedModel, config: ServerConfig) -> tuple[ServedMode
     if config.warmup_delay_s:
         await asyncio.sleep(config.warmup_delay_s)
     return model, sizes, forward
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The console entry: serve until a signal, then end the process (0 = clean stop, 1 = could not start).
-
-    It ends the process with os._exit once everything is flushed: torch's
-    interpreter teardown takes seconds and has nothing left to clean up, and
-    a rolling restart should not wait for it. Embed `serve()` instead.
-    """
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload request must not end a starting server
-    config = parse_config(argv)
-    configure_logging(config.log_level)
-    # Pillow warns about odd bytes in callers' images (corrupt EXIF...): the caller's problem, answered with a
-    # status; as log lines they would let anyone flood the log.
-    warnings.filterwarnings("ignore", module=r"PIL\.")
-    code = 0
-    try:
-        if config.workers > 1:
-            from server.workers import supervise
-
-            argv = sys.argv[1:] if argv is None else list(argv)
-            code = asyncio.run(supervise(config, argv, device=resolve_device(config.device)))
-        else:
-            asyncio.run(serve(config))
-    except (ModelFileError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError
-        log.error("%s", exc)
-        code = 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

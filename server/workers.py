@@ -4,8 +4,8 @@ One Python process serves at most about one core (the event loop holds the
 GIL), so on a bigger machine the supervisor here starts N ordinary
 `bitmoji-serve` processes on the same port: gRPC listens with SO_REUSEPORT
 (grpc core's default on Linux), and the kernel spreads new connections over
-the workers. Each worker gets its share of the cores (torch and decode
-threads) unless the flags say otherwise.
+the workers. Each worker is told its share of the cores (`--cores`), and sizes
+its torch and model threads to it unless the flags say otherwise.
 
 The supervisor itself serves no RPCs. It
 - picks the port once (for `--port 0`) and holds it, bound but not listening,
@@ -17,6 +17,8 @@ The supervisor itself serves no RPCs. It
 - passes SIGTERM/SIGINT (drain, then exit) and SIGHUP (reload) to every worker;
 - restarts a worker that dies after it was ready (a worker that cannot start
   stops them all: a bad model file would only crash again).
+It never imports torch (nor anything that does): the workers start at once,
+each importing torch beside the others, and the supervisor stays small.
 """
 
 from __future__ import annotations
@@ -31,10 +33,7 @@ import sys
 import tempfile
 import time
 
-import torch
-
-from server.config import ServerConfig, cpu_count
-from server.main import address, default_torch_threads
+from server.config import ServerConfig, address
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -42,10 +41,9 @@ RESTART_DELAY_S = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def worker_threads(config: ServerConfig, device: torch.device) -> tuple[int, int]:
-    """(torch threads, model threads (--decode-workers)) per worker: the flags if given, else the defaults on each worker's share of the cores."""
-    share = max(1, cpu_count() // config.workers)
-    return config.torch_threads or default_torch_threads(device, cores=share), config.decode_workers or share
+def worker_cores(config: ServerConfig) -> int:
+    """Each worker's share of the cores (at least one): what its default thread counts are sized to."""
+    return max(1, config.resolved_cores // config.workers)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -58,12 +56,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, argv: list[str], *, port: int, torch_threads: int, decode_workers: int):
+    def __init__(self, config: ServerConfig, argv: list[str], *, port: int):
         self.config = config
         self.argv = argv
         self.port = port
-        self.torch_threads = torch_threads
-        self.decode_workers = decode_workers
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: set[int] = set()
         self.all_ready = asyncio.Event()
@@ -72,10 +68,11 @@ class Supervisor:
         self.restarts = 0
 
     def command(self) -> list[str]:
-        # argparse keeps the last of a repeated flag: these override the user's
+        # argparse keeps the last of a repeated flag: these override the user's (--torch-threads and
+        # --decode-workers, when given, stay as they are: per worker)
         return [
             sys.executable, "-m", "server", *self.argv, "--workers", "1", "--port", str(self.port),
-            "--metrics-port", "0", "--torch-threads", str(self.torch_threads), "--decode-workers", str(self.decode_workers),
+            "--metrics-port", "0", "--cores", str(worker_cores(self.config)),
         ]
 
     async def start(self, index: int) -> None:
@@ -153,14 +150,13 @@ def _serve_metrics(config: ServerConfig):
     return httpd
 
 
-async def supervise(config: ServerConfig, argv: list[str], *, device: torch.device) -> int:
+async def supervise(config: ServerConfig, argv: list[str]) -> int:
     """Run `config.workers` workers until a signal; returns the exit code (0 = every worker stopped cleanly)."""
     loop = asyncio.get_running_loop()
-    torch_threads, decode_workers = worker_threads(config, device)
     reserved = reserve_port(config.host, config.port)
     metrics_dir = tempfile.mkdtemp(prefix="bitmoji-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by the workers (and this process's collector) at import
-    supervisor = Supervisor(config, argv, port=reserved.getsockname()[1], torch_threads=torch_threads, decode_workers=decode_workers)
+    supervisor = Supervisor(config, argv, port=reserved.getsockname()[1])
     started = time.monotonic()
     httpd = None
     signals = {"count": 0}
@@ -182,8 +178,8 @@ async def supervise(config: ServerConfig, argv: list[str], *, device: torch.devi
         await supervisor.all_ready.wait()
         if not supervisor.stopping:
             metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
-            log.info("ready on %s (%d workers, each torch threads %d, model threads %d; metrics %s; up in %.1f s)",
-                     address(config.host, supervisor.port), config.workers, torch_threads, decode_workers, metrics_url, time.monotonic() - started)
+            log.info("ready on %s (%d workers, each sized to %d cores; metrics %s; up in %.1f s)",
+                     address(config.host, supervisor.port), config.workers, worker_cores(config), metrics_url, time.monotonic() - started)
         await supervisor.wait_all()
     finally:
         supervisor.signal_all(signal.SIGTERM)

@@ -16,8 +16,9 @@ import torch
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import ROOT
-from server.config import ServerConfig
-from server.workers import worker_threads
+from server.config import ServerConfig, parse_config
+from server.main import default_torch_threads
+from server.workers import Supervisor, worker_cores
 from test_server import image_input, sample, scrape, synthetic_images
 from trainer.modelfile import load_model
 from trainer.preprocess import load_image, to_model_input
@@ -37,12 +38,39 @@ def _classify_on_fresh_channels(target: str, request: pb.ClassifyRequest, calls:
     return responses
 
 
-def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
-    monkeypatch.setattr("server.workers.cpu_count", lambda: 16)
-    assert worker_threads(ServerConfig(model="m", workers=4), device=torch.device("cpu")) == (2, 4)
-    assert worker_threads(ServerConfig(model="m", workers=4), device=torch.device("cuda")) == (1, 4)
-    assert worker_threads(ServerConfig(model="m", workers=32), device=torch.device("cpu")) == (1, 1)
-    assert worker_threads(ServerConfig(model="m", workers=4, torch_threads=3, decode_workers=5), device=torch.device("cpu")) == (3, 5)
+def _worker_config(argv: list[str]) -> ServerConfig:
+    """The configuration a worker parses from the command line its supervisor starts it with."""
+    supervisor_config = parse_config(argv, environ={})
+    command = Supervisor(supervisor_config, argv, port=1234).command()
+    assert command[1:3] == ["-m", "server"]
+    return parse_config(command[3:], environ={})
+
+
+def test_each_worker_sizes_its_threads_to_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr("server.config.cpu_count", lambda: 16)
+    assert worker_cores(ServerConfig(model="m", workers=4)) == 4
+    assert worker_cores(ServerConfig(model="m", workers=32)) == 1
+    assert worker_cores(ServerConfig(model="m", workers=2, cores=6)) == 3  # --cores: e.g. the container's CPU limit
+    assert parse_config(["--model", "m"], environ={"BITMOJI_CORES": "3"}).resolved_decode_workers == 3
+    with pytest.raises(ValueError, match="--cores must be at least 1"):
+        ServerConfig(model="m", cores=0)
+
+    worker = _worker_config(["--model", "m", "--workers", "4", "--port", "0"])
+    assert (worker.workers, worker.port, worker.metrics_port, worker.cores) == (1, 1234, 0, 4)
+    assert worker.resolved_decode_workers == 4
+    assert default_torch_threads(torch.device("cpu"), cores=worker.resolved_cores) == 2
+    assert default_torch_threads(torch.device("cuda"), cores=worker.resolved_cores) == 1
+    # the user's thread flags apply to each worker as given
+    worker = _worker_config(["--model", "m", "--workers", "4", "--torch-threads", "3", "--decode-workers", "5"])
+    assert (worker.torch_threads, worker.resolved_decode_workers, worker.cores) == (3, 5, 4)
+
+
+def test_the_supervisor_never_imports_torch():
+    # It starts its workers at once, instead of after its own ~2 s torch import, and stays ~40 MB instead of ~520.
+    code = "import sys, server.cli, server.workers; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'grpc') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worker(server_factory, mlp_model_file):
@@ -65,7 +93,7 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worke
     assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls
     assert sample(samples, "bitmoji_items_total") == 3 * calls
     assert sample(samples, "bitmoji_request_duration_seconds_count", method="Classify") == calls
-    threads_each, _ = worker_threads(ServerConfig(model="m", workers=2), device=torch.device("cpu"))
+    threads_each = default_torch_threads(torch.device("cpu"), cores=worker_cores(ServerConfig(model="m", workers=2)))
     assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # a live gauge: summed over the two workers
     assert [labels for (name, labels), value in samples.items() if name == "bitmoji_model_info" and value == 1]
 
