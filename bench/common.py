@@ -20,19 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.config import cpu_count  # torch-free: the load generator's processes import this module
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
 READY_LINE = re.compile(r"^bitmoji-serve: ready on (?P<host>[\d.:\[\]a-z]+):(?P<port>\d+)")
 CLASSIFY = "/bitmoji.v1.Classifier/Classify"
 PROBE = "/bitmoji.v1.Classifier/GradientProbe"
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def loadavg() -> list[float]:
@@ -59,7 +54,7 @@ def machine() -> dict:
 
     return {
         "cpu": cpu_model(),
-        "cores": cores(),
+        "cores": cpu_count(),
         "loadavg": loadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -28,7 +28,8 @@ import tempfile
 import threading
 import time
 
-from bench.common import cores, export_model, images_source, loadavg, machine, progress, real_images, write_json
+from bench.common import export_model, images_source, loadavg, machine, progress, real_images, write_json
+from server.config import cpu_count
 
 
 def _setup(threads: int):
@@ -192,7 +193,7 @@ def in_this_process(kind: str, threads: int, model_path, images, batch, duration
 
 def run(model_path: str, images: list[bytes], *, batch: int = 64, duration: float = 3.0, warmup: float = 0.5,
         processes: int | None = None) -> dict:
-    n = processes or cores()
+    n = processes or cpu_count()
     rows = {}
 
     def measure(name, fn, *args):

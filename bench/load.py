@@ -35,8 +35,9 @@ import tempfile
 import time
 from collections import Counter
 
-from bench.common import (CLASSIFY, classify_request, cores, export_model, images_source, loadavg, machine, percentiles,
+from bench.common import (CLASSIFY, classify_request, export_model, images_source, loadavg, machine, percentiles,
                           proc_cpu_seconds, progress, real_images, start_server, write_json)
+from server.config import cpu_count
 
 DEFAULT_LEVELS = (1, 8, 32, 64)
 CALL_TIMEOUT_S = 10.0
@@ -320,7 +321,7 @@ def main(argv=None) -> dict:
         print(f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50'] or 0:>8.2f} {r['p90'] or 0:>8.2f} {r['p99'] or 0:>8.2f} "
               f"{r['error_count']:>6} {_f(r['mean_batch_size']):>6} {r['generator_cpu_cores']:>7.2f} {_f(r['server_cpu_cores']):>7} "
               f"{_f(r['server_cpu_ms_per_image'], '.3f'):>14}")
-    print(f"loadavg {loadavg()} on {cores()} cores")
+    print(f"loadavg {loadavg()} on {cpu_count()} cores")
     write_json(args.json, result)
     return result
 

@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA, RESULTS, ROOT, cores, export_model, loadavg, machine, progress, write_json
+from bench.common import DEFAULT_DATA, RESULTS, ROOT, export_model, loadavg, machine, progress, write_json
+from server.config import cpu_count
 
 STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "torchserve", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
@@ -98,7 +99,7 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
     elif step in LOAD_STEPS:
         arch = step.split("_")[1]
         levels = load.DEFAULT_LEVELS if arch == "mlp" else s["cnn_levels"]
-        args = [*server_args, f"--workers={cores()}"] if step.endswith("_workers") else list(server_args)
+        args = [*server_args, f"--workers={cpu_count()}"] if step.endswith("_workers") else list(server_args)
         r = load.run(levels, model=mlp if arch == "mlp" else cnn, duration=s["load_duration"], warmup=s["load_warmup"],
                      data=data, server_args=args)
         out["commands"][step] = (f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "

@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (CLASSIFY, ROOT, classify_request, cores, export_model, free_port, loadavg, machine, progress, real_images,
+from bench.common import (CLASSIFY, ROOT, classify_request, export_model, free_port, loadavg, machine, progress, real_images,
                           start_server, write_json)
 from bench.load import DEFAULT_LEVELS, auto_procs, run_level, scrape, stage_means
+from server.config import cpu_count
 
 PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 MODEL_NAME = "bitmoji"
@@ -299,7 +300,7 @@ def main(argv=None) -> dict:
             print(f"{r['concurrency']:>5} {t['images_per_s']:>17.0f} {t['p50']:>7.2f} {t['p99']:>7.2f} "
                   f"{o['images_per_s']:>11.0f} {o['p50']:>7.2f} {o['p99']:>7.2f} {r['throughput_ratio']:>6.2f} "
                   f"{w['images_per_s']:>19.0f} {w['p50']:>7.2f} {w['p99']:>7.2f} {r['workers_throughput_ratio']:>6.2f}")
-        print(f"loadavg {loadavg()} on {cores()} cores")
+        print(f"loadavg {loadavg()} on {cpu_count()} cores")
     write_json(args.json, result)
     return result
 

@@ -132,7 +132,7 @@ async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> 
     if raw and len(raw) != len(request.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input tensors")
     tensor = request.inputs[0]
-    name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+    name, datatype = tensor.name, tensor.datatype
     expected = {n: (d, s) for n, d, s in signature}
     if name not in expected:
         raise invalid(f"unknown input {name!r}; the model takes one of: {_describe(signature)}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
