@@ -13,14 +13,17 @@ manifest in each of those ways and sees the checks fail.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bitmoji.v1 import classifier_pb2
 from server.config import ENV_PREFIX, ServerConfig, parse_config
+from server.main import default_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -103,9 +106,25 @@ def server_container(deployment: dict) -> dict:
     return found[0]
 
 
+def container_env(container: dict) -> dict[str, str]:
+    """The container's environment as the process sees it: plain values, and resource fields (the downward API)."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        elif "resourceFieldRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["resourceFieldRef"]
+            assert ref.get("containerName", container["name"]) == container["name"], f"{e['name']}: another container's {ref['resource']}"
+            kind, _, resource = ref["resource"].partition(".")
+            assert resource == "cpu", f"{e['name']}: {ref['resource']} is not a CPU quantity"
+            # Kubernetes divides by the divisor (default 1) and rounds up
+            env[e["name"]] = str(math.ceil(cpu(container["resources"][kind][resource]) / cpu(ref.get("divisor", 1))))
+    return env
+
+
 def server_config(container: dict) -> ServerConfig:
     """The container's command line and environment, through the server's own parser (it exits on a bad flag)."""
-    env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+    env = container_env(container)
     unknown = {k for k in env if k.startswith(ENV_PREFIX)} - {ENV_PREFIX + f.upper() for f in ServerConfig.__dataclass_fields__}
     assert not unknown, f"variables the server does not read: {sorted(unknown)}"
     assert container.get("command") in (None, ["bitmoji-serve"]), "the image's entrypoint is bitmoji-serve"
@@ -154,11 +173,18 @@ def check_config(objects: list[dict]) -> ServerConfig:
     assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0", "listen on all interfaces inside a pod"
     mounts = {m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])}
     assert str(Path(config.model).parent) in mounts, f"the model {config.model} is on no mounted volume"
-    # A pod sees its node's cores, not its CPU limit: the thread counts must be set, and fit the limit.
+    # A pod sees its node's cores, not its CPU limit: the threads must be sized to the limit, by --cores
+    # (BITMOJI_CORES) or by both thread counts, and fit it.
     limit = cpu(container["resources"]["limits"]["cpu"])
-    assert config.torch_threads is not None and config.torch_threads <= limit, f"--torch-threads {config.torch_threads} vs {limit} cores"
-    workers = config.decode_workers
-    assert workers is not None and workers <= limit, f"--decode-workers {workers} vs {limit} cores"
+    assert config.cores is not None or None not in (config.torch_threads, config.decode_workers), \
+        "set BITMOJI_CORES (the CPU limit) or both --torch-threads and --decode-workers: the default is the node's cores"
+    cores = config.cores or 1
+    assert cores <= math.ceil(limit), f"--cores {cores} vs a limit of {limit} cores"
+    device = torch.device("cpu" if config.device == "auto" else config.device)  # auto: CPU's default is the larger
+    threads = config.torch_threads or default_torch_threads(device, cores=cores)
+    assert threads <= math.ceil(limit), f"{threads} torch threads vs {limit} cores"
+    workers = config.decode_workers or cores
+    assert workers <= math.ceil(limit), f"{workers} model threads (--decode-workers) vs {limit} cores"
     return config
 
 
@@ -314,6 +340,10 @@ BREAKAGES = {
     "an unknown variable": (check_config, lambda o: _server(o)["env"].append({"name": "BITMOJI_MAX_BATCH", "value": "4"})),
     "port name and flag disagree": (check_config, lambda o: _server(o)["env"].append({"name": "BITMOJI_PORT", "value": "50052"})),
     "threads beyond the limit": (check_config, lambda o: _server(o)["args"].append("--torch-threads=8")),
+    "cores beyond the limit": (check_config, lambda o: _server(o)["args"].append("--cores=8")),
+    "threads sized to the node": (check_config, lambda o: _server(o).update(env=[e for e in _server(o)["env"] if e["name"] != "BITMOJI_CORES"])),
+    "cores of another container": (check_config, lambda o: [e["valueFrom"]["resourceFieldRef"].update(containerName="fetch-model")
+                                                            for e in _server(o)["env"] if e["name"] == "BITMOJI_CORES"]),
     "grace period too short": (check_grace, lambda o: _pod(o).update(terminationGracePeriodSeconds=15)),
     "drain longer than the pod may take": (check_grace, lambda o: _server(o)["args"].append("--grace-period-s=60")),
     "no preStop": (check_grace, lambda o: _server(o).pop("lifecycle")),
