@@ -167,7 +167,8 @@ def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(faulty, st
     wait_until(faulty, running_alone)
     faulty.proc.send_signal(signal.SIGTERM)
     wait_for_shutdown(channel)
-    assert rpc_error(stub.Classify, request([0.5, 0]), timeout=10).code() == grpc.StatusCode.UNAVAILABLE
+    refused = rpc_error(stub.Classify, request([0.5, 0]), timeout=10)
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
     assert accepted.result().predictions[0].logit == 1.0
     assert faulty.proc.wait(30) == 0, faulty.output()
     assert "stopped" in faulty.output()
