@@ -121,6 +121,10 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
     elif step == "coldstart":
         r = coldstart.run(mlp, s["coldstart_runs"], with_breakdown=s["breakdown"])
         out["commands"][step] = f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']}" + ("" if s["breakdown"] else " --no-breakdown")
+        workers = f"--workers={cpu_count()}"
+        r["workers"] = coldstart.run(mlp, s["coldstart_runs"], with_breakdown=False, server_args=[workers])
+        out["commands"][step + "_workers"] = (f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']} --no-breakdown "
+                                              f"--server-arg={workers}")
     elif step == "train_loop":
         if not (Path(data) / "train").is_dir():
             raise FileNotFoundError(f"train_loop needs the real data set ({data}/train)")
@@ -204,6 +208,10 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     if r.get("coldstart"):
         cs = r["coldstart"]["serving_s_median"]
         rows.append(("cold start to SERVING, MLP", f"{cs:.2f} s", "<= 5 s", _verdict(cs <= 5)))
+        workers = r["coldstart"].get("workers")
+        if workers:
+            cw = workers["serving_s_median"]
+            rows.append((f"... with {' '.join(workers['server_args'])} (the first worker SERVING)", f"{cw:.2f} s", "<= 5 s", _verdict(cw <= 5)))
     return rows
 
 
@@ -314,6 +322,12 @@ def markdown(r: dict, plot: str | None) -> str:
     if cs:
         L += ["", "## Cold start (MLP)", "", f"`{r['commands']['coldstart']}`: process start to health SERVING, "
               f"median **{cs['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in cs['runs']]}; load average {cs['loadavg']}."]
+        w = cs.get("workers")
+        if w:
+            L += ["", f"`{r['commands']['coldstart_workers']}`: process start to the first worker's health SERVING, "
+                  f"median **{w['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in w['runs']]} "
+                  "(the supervisor imports no torch: the workers start at once); "
+                  f"load average {w['loadavg']}."]
         b = cs.get("breakdown")
         if b:
             L += ["", "| part (one fresh interpreter doing the start-up steps in turn; rest = SERVING minus the parts) | seconds |", "| --- | --- |"]

@@ -128,7 +128,8 @@ def test_run_all_report_and_plot(tmp_path):
     r = {
         "machine": {"cpu": "test cpu", "cores": 2, "loadavg": [1.0, 1.0, 1.0], "python": "3", "torch": "2", "grpcio": "1", "platform": "x"},
         "quick": True, "started": "then", "finished": "now", "data": "d", "loadavg_end": [1, 1, 1],
-        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c", "torchserve": "d"},
+        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c", "torchserve": "d", "coldstart": "e",
+                     "coldstart_workers": "e2"},
         "inprocess": {"batch": 64, "duration_s": 1, "cores": 2, "ceiling_images_per_s": 3500.0,
                       "rows": {"decode_2proc": {"images_per_s": 5000.0, "loadavg": [1, 1, 1]}}},
         "load_mlp": {"rows": rows, "server_ready_s": 2.0},
@@ -138,6 +139,8 @@ def test_run_all_report_and_plot(tmp_path):
                        "rows": [{"concurrency": 32, "torchserve": {**row, "images_per_s": 500.0}, "ours": {**row, "images_per_s": 800.0},
                                  "throughput_ratio": 1.6, "ours_workers": {**row, "images_per_s": 450.0},
                                  "workers_throughput_ratio": 0.9}]},
+        "coldstart": {"serving_s_median": 2.5, "runs": [{"serving_s": 2.5}], "loadavg": [1, 1, 1],
+                      "workers": {"serving_s_median": 5.5, "runs": [{"serving_s": 5.5}], "loadavg": [1, 1, 1], "server_args": ["--workers=2"]}},
     }
     verdicts = {t[0]: t[3] for t in run_all.targets(r)}
     assert verdicts["MLP throughput, concurrency 32"] == "**met**"
@@ -147,11 +150,14 @@ def test_run_all_report_and_plot(tmp_path):
     assert verdicts["GradientProbe p50 / Classify p50, one image"] == "**met**"
     assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32"] == "**met**; **met**"
     assert verdicts["... vs TorchServe 0.12.0, same run, concurrency 32, --workers 2"] == "**not met**; **not met**"
+    assert verdicts["cold start to SERVING, MLP"] == "**met**"
+    assert verdicts["... with --workers=2 (the first worker SERVING)"] == "**not met**"
     png = run_all.plot(r, tmp_path / "throughput.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = run_all.markdown(r, "throughput.png")
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
     assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
+    assert "`e2`: process start to the first worker's health SERVING, median **5.50 s**" in text
     assert "## TorchServe 0.12.0 side by side" in text and "| 32 | 500 |" in text and "| 1.60x | 450 |" in text and "| 0.90x |" in text
     r["torchserve"]["rows"][0] = {k: v for k, v in r["torchserve"]["rows"][0].items() if not k.startswith(("ours_workers", "workers_"))}
     assert "| 1.60x | | | | | |" in run_all.markdown(r, None)  # a result from before the --workers column still renders
