@@ -39,7 +39,7 @@ log = logging.getLogger("bitmoji-serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WATCH_FLUSH_S = 0.2
-GOAWAY_FLUSH_S = 0.1
+GOAWAY_FLUSH_S = 0.05
 
 
 def default_torch_threads(device: torch.device, cores: int | None = None) -> int:
