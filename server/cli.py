@@ -2,7 +2,7 @@
 
 This module and everything the `--workers` supervisor imports stay free of
 torch: the supervisor only starts, watches and signals its workers, so it
-starts them at once instead of after the ~2 s torch import, and holds ~40 MB
+starts them at once instead of after the ~2 s torch import, and holds ~22 MB
 instead of ~520.
 """
 
