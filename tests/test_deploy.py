@@ -182,12 +182,13 @@ def check_config(objects: list[dict]) -> ServerConfig:
     limit = cpu(container["resources"]["limits"]["cpu"])
     assert config.cores is not None or None not in (config.torch_threads, config.decode_workers), \
         "set BITMOJI_CORES (the CPU limit) or both --torch-threads and --decode-workers: the default is the node's cores"
-    cores = config.cores or 1
-    assert cores <= math.ceil(limit), f"--cores {cores} vs a limit of {limit} cores"
+    if config.cores is not None:
+        assert config.cores <= math.ceil(limit), f"--cores {config.cores} vs a limit of {limit} cores"
+    # resolved as the server resolves them (here both thread counts, or --cores, are set: nothing falls back to this machine)
     device = torch.device("cpu" if config.device == "auto" else config.device)  # auto: CPU's default is the larger
-    threads = config.torch_threads or default_torch_threads(device, cores=cores)
+    threads = config.torch_threads or default_torch_threads(device, cores=config.resolved_cores)
     assert threads <= math.ceil(limit), f"{threads} torch threads vs {limit} cores"
-    workers = config.decode_workers or cores
+    workers = config.resolved_decode_workers
     assert workers <= math.ceil(limit), f"{workers} model threads (--decode-workers) vs {limit} cores"
     return config
 
