@@ -44,9 +44,9 @@ def _timed(function, observe):
     return timed
 
 
-def add_timed(add_servicer_to_server, servicer, server, histogram) -> list[str]:
+def add_timed(add_servicer_to_server, servicer, server, histogram) -> None:
     """`add_servicer_to_server(servicer, server)` with each method's parse and serialisation timed in
-    `histogram` (labels: method, direction); returns the services' full names."""
+    `histogram` (labels: method, direction)."""
     capture = _Capture()
     add_servicer_to_server(servicer, capture)
     if not capture.services:
@@ -61,4 +61,3 @@ def add_timed(add_servicer_to_server, servicer, server, histogram) -> list[str]:
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, timed),))
         server.add_registered_method_handlers(service, timed)
-    return list(capture.services)
