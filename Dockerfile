@@ -19,12 +19,15 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, so code changes do not re-download torch.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" torch==2.14.1 torchvision==0.29.1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+# The server and what it imports; no trainer/ (setup.py installs only the packages whose folders are here).
 COPY proto ./proto
-COPY trainer ./trainer
+COPY core ./core
 COPY server ./server
 COPY client ./client
-RUN pip install .
+# The versions are pinned in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".[serve]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 COPY --from=build /opt/venv /opt/venv

@@ -1,16 +1,16 @@
 """Cold start: from process start to SERVING on the gRPC health service, and where that time goes.
 
-Starts `python -m server` on a fixed free loopback port, polls `grpc.health.v1`
+Starts `python -m bitmoji.server` on a fixed free loopback port, polls `grpc.health.v1`
 Check (from this process) until SERVING, and takes the median of several runs.
 Issue 4's target for the MLP: at most 5 s.
 
 The breakdown: interpreter start (`python -c pass`), then ONE fresh interpreter
 doing the server's start-up steps in turn, each timed: `import torch`; `import grpc`
-+ health + reflection; the rest of `import server.main`; loading the
-model (`trainer.modelfile.load_model`); the warm-up (`ServedModel.warmup`). The rest
++ health + reflection; the rest of `import bitmoji.server.main`; loading the
+model (`bitmoji.core.modelfile.load_model`); the warm-up (`ServedModel.warmup`). The rest
 = SERVING (median) - all of those: config, gRPC start, ports, event loop, and noise
 (on a busy machine one import of torch varies by seconds: the parts are medians of --runs).
-Plus the slowest modules of `python -X importtime -c "import server.main"` (self time).
+Plus the slowest modules of `python -X importtime -c "import bitmoji.server.main"` (self time).
 torchvision (1.7-2 s: it pulls in torchvision.models, torchvision.ops and
 torch._dynamo) is off this path: the server imports it on its first JPEG, WebP or GIF.
 
@@ -40,7 +40,7 @@ def time_to_serving(model: str, timeout: float = 120.0, server_cwd=None, server_
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *server_args]
+    cmd = [sys.executable, "-m", "bitmoji.server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *server_args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=server_cwd or ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     answered = serving = None
@@ -86,10 +86,10 @@ import sys, time
 t = [time.perf_counter()]
 import torch; t.append(time.perf_counter())
 import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection; t.append(time.perf_counter())
-import server.main; t.append(time.perf_counter())
-from server.model import ServedModel
-from trainer.modelfile import load_model
-torch.set_num_threads(server.main.default_torch_threads(torch.device('cpu')))
+import bitmoji.server.main; t.append(time.perf_counter())
+from bitmoji.server.model import ServedModel
+from bitmoji.core.modelfile import load_model
+torch.set_num_threads(bitmoji.server.main.default_torch_threads(torch.device('cpu')))
 loaded = load_model(sys.argv[1], 'cpu'); t.append(time.perf_counter())
 ServedModel.create(loaded, max_pixels=1 << 24).warmup(32); t.append(time.perf_counter())
 print(*(b - a for a, b in zip(t, t[1:])))
@@ -100,14 +100,14 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     """A fresh interpreter doing the server's start-up steps in turn, timed (so the parts add up); per-part medians of `runs`."""
     cwd = server_cwd or ROOT
     out = {"interpreter_s": statistics.median(_python_seconds("pass", cwd) for _ in range(runs))}
-    # torchvision is not on the path: the server imports it on its first JPEG/WebP/GIF (trainer.preprocess)
+    # torchvision is not on the path: the server imports it on its first JPEG/WebP/GIF (bitmoji.core.preprocess)
     names = ["import_torch_s", "import_grpc_s", "import_server_rest_s", "load_model_s", "warmup_s"]
     samples = []
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", _STAGED, model], cwd=cwd, check=True, capture_output=True, text=True)
         samples.append([float(x) for x in r.stdout.split()])
     out.update((name, statistics.median(column)) for name, column in zip(names, zip(*samples)))
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import server.main"], cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import bitmoji.server.main"], cwd=cwd, capture_output=True, text=True)
     rows = []
     for line in r.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:

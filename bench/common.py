@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import cpu_count  # torch-free: the load generator's processes import this module
+from bitmoji.server.config import cpu_count  # torch-free: the load generator's processes import this module
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -119,8 +119,8 @@ def export_model(arch: str, directory: str | os.PathLike, seed: int = 0) -> Path
     """An untrained, seeded model exported exactly as the trainer exports (weights do not change speed)."""
     import torch
 
-    from trainer.export import build_metadata, export_model as _export
-    from trainer.models import build_model
+    from bitmoji.core.modelfile import build_metadata, export_model as _export
+    from bitmoji.trainer.models import build_model
 
     path = Path(directory) / f"{arch}.pt"
     if path.exists():
@@ -146,7 +146,7 @@ def classify_request(image: bytes) -> bytes:
 
 @dataclass
 class Server:
-    """A `python -m server` subprocess started by a benchmark."""
+    """A `python -m bitmoji.server` subprocess started by a benchmark."""
 
     proc: subprocess.Popen
     target: str
@@ -187,9 +187,9 @@ class Server:
 def start_server(model: str | os.PathLike, args: list[str] = (), *, cwd: str | os.PathLike | None = None,
                  metrics: bool = True, timeout: float = 120, python: str = sys.executable,
                  env: dict | None = None) -> Server:
-    """Start `python -m server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for ready."""
+    """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for ready."""
     metrics_port = free_port() if metrics else 0
-    cmd = [python, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+    cmd = [python, "-m", "bitmoji.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
            "--metrics-port", str(metrics_port), *args]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

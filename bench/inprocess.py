@@ -1,7 +1,7 @@
 """The in-process limit: what this machine can do with no server at all (the ceiling the server is held to).
 
 Measured on one 128x128 PNG of the real bitmoji set per image (rotating
-through a few), with the project's own preprocessing (`trainer.preprocess.load_image`)
+through a few), with the project's own preprocessing (`bitmoji.core.preprocess.load_image`)
 and a TorchScript model exported as the trainer does:
 
 - decode:            decode + preprocess alone, one thread (ms per image), and in N processes (img/s);
@@ -29,7 +29,7 @@ import threading
 import time
 
 from bench.common import export_model, images_source, loadavg, machine, progress, real_images, write_json
-from server.config import cpu_count
+from bitmoji.server.config import cpu_count
 
 
 def _setup(threads: int):
@@ -44,7 +44,7 @@ def _setup(threads: int):
 
 
 def _load(model_path: str):
-    from trainer.modelfile import load_model
+    from bitmoji.core.modelfile import load_model
 
     return load_model(model_path, "cpu").module
 
@@ -65,7 +65,7 @@ def _run_for(duration: float, step) -> tuple[int, float, float]:
 def _make_step(kind: str, model_path: str | None, images: list[bytes], batch: int):
     import torch
 
-    from trainer.preprocess import load_image, to_model_input
+    from bitmoji.core.preprocess import load_image, to_model_input
 
     counter = {"i": 0}
 

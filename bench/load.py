@@ -37,7 +37,7 @@ from collections import Counter
 
 from bench.common import (CLASSIFY, classify_request, export_model, images_source, loadavg, machine, percentiles,
                           proc_cpu_seconds, progress, real_images, start_server, write_json)
-from server.config import cpu_count
+from bitmoji.server.config import cpu_count
 
 DEFAULT_LEVELS = (1, 8, 32, 64)
 CALL_TIMEOUT_S = 10.0
@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
     p.add_argument("--procs", type=int, default=None, help="generator processes (default 1, 2 from concurrency 64)")
     p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS, help="channels (TCP connections) per generator process (default %(default)s)")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--torch-threads=1")
-    p.add_argument("--server-cwd", default=None, help="run `python -m server` from this directory (a patched copy, for experiments)")
+    p.add_argument("--server-cwd", default=None, help="run `python -m bitmoji.server` from this directory (a patched copy, for experiments)")
     p.add_argument("--quick", action="store_true", help="--duration 1 --warmup 0.3")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_DATA, RESULTS, ROOT, export_model, loadavg, machine, progress, write_json
-from server.config import cpu_count
+from bitmoji.server.config import cpu_count
 
 STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "torchserve", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
@@ -283,7 +283,7 @@ def markdown(r: dict, plot: str | None) -> str:
         L += ["", f"## TorchServe {ts['torchserve_version']} side by side", "",
               f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
               f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
-              f"(its handler calls `trainer.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
+              f"(its handler calls `bitmoji.core.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
               f"this server runs as one process (\"ours\") and with `--workers {st['workers']}` (as many processes as TorchServe's "
               "workers); the servers take turns at each level, under the same generator.", "",
               "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) | ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
@@ -334,7 +334,7 @@ def markdown(r: dict, plot: str | None) -> str:
             for k, v in b.items():
                 if isinstance(v, float):
                     L.append(f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.2f} |")
-            L += ["", "Slowest modules (self time, `python -X importtime -c 'import server.main'`): "
+            L += ["", "Slowest modules (self time, `python -X importtime -c 'import bitmoji.server.main'`): "
                   + ", ".join(f"{k} {v:.0f} ms" for k, v in list(b["importtime_self_top_ms"].items())[:8]) + "."]
     tl = r.get("train_loop")
     if tl:

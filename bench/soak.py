@@ -92,8 +92,8 @@ def export_default_model(directory: Path) -> Path:
     """An untrained (seeded) MLP, exported as the trainer does: the served model needs no training here."""
     import torch
 
-    from trainer.export import build_metadata, export_model
-    from trainer.models import build_model
+    from bitmoji.core.modelfile import build_metadata, export_model
+    from bitmoji.trainer.models import build_model
 
     torch.manual_seed(0)
     model = build_model("mlp")
@@ -102,10 +102,10 @@ def export_default_model(directory: Path) -> Path:
 
 
 class Server:
-    """`python -m server` on a free loopback port; its log is kept, and lines with errors counted."""
+    """`python -m bitmoji.server` on a free loopback port; its log is kept, and lines with errors counted."""
 
     def __init__(self, model: Path, extra: list[str]):
-        cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra]
+        cmd = [sys.executable, "-m", "bitmoji.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()

@@ -5,7 +5,7 @@
 
 TorchServe is set up as the issue measured it: gRPC `Predictions`, 2 workers,
 batching 32 / 5 ms, the same exported MLP loaded with `torch.jit.load`, and a
-handler that decodes with this project's own `trainer.preprocess.load_image`,
+handler that decodes with this project's own `bitmoji.core.preprocess.load_image`,
 so both servers do the same work per image (their answers are compared before
 measuring). This server runs twice beside it: as one process (the default) and
 with `--workers 2`, as many processes as TorchServe has workers. The servers
@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.common import (CLASSIFY, ROOT, classify_request, export_model, free_port, loadavg, machine, progress, real_images,
                           start_server, write_json)
 from bench.load import DEFAULT_LEVELS, auto_procs, run_level, scrape, stage_means
-from server.config import cpu_count
+from bitmoji.server.config import cpu_count
 
 PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 MODEL_NAME = "bitmoji"
@@ -38,7 +38,7 @@ SETTINGS = {"workers": 2, "batch_size": 32, "max_batch_delay_ms": 5}  # the issu
 HANDLER = '''\
 import os
 import torch
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core.preprocess import load_image, to_model_input
 
 _model = None
 

@@ -2,8 +2,8 @@
 
 The lecture's loop: ImageFolder (PIL decode) + Resize + ToTensor through a
 DataLoader, decoding every PNG again every epoch. The project's loop: decode
-once into a uint8 tensor (trainer.data), index batches from memory, and
-update with the fused Adam kernel (trainer.train's; same algorithm and
+once into a uint8 tensor (bitmoji.trainer.data), index batches from memory, and
+update with the fused Adam kernel (bitmoji.trainer.train's; same algorithm and
 hyper-parameters as the lecture's Adam).
 Both train the lecture's MLP; the figure is training images per second
 (decode included: the project's one-off decode is added to its time).
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from trainer.data import load_dataset
-from trainer.models import BitmojiClassifier
-from trainer.train import evaluate
+from bitmoji.trainer.data import load_dataset
+from bitmoji.trainer.models import BitmojiClassifier
+from bitmoji.trainer.train import evaluate
 
 
 def lecture_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
@@ -61,7 +61,7 @@ def project_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
     decode_seconds = time.perf_counter() - start
     model = BitmojiClassifier()
     criterion = nn.BCEWithLogitsLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as trainer.train: the same Adam, one kernel
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as bitmoji.trainer.train: the same Adam, one kernel
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()

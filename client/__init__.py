@@ -1,6 +1,6 @@
 """Python client for the bitmoji classifier service.
 
-    from client import BitmojiClient
+    from bitmoji.client import BitmojiClient
 
     with BitmojiClient("127.0.0.1:50051") as bitmoji:
         for p in bitmoji.classify(["a.png", "b.jpg"]):
@@ -9,10 +9,10 @@
 `AsyncBitmojiClient` is the same for asyncio. Failed calls raise `BitmojiError`.
 """
 
-from client.aio import AsyncBitmojiClient
-from client.client import BitmojiClient
-from client.errors import BitmojiError
-from client.results import ModelInfo, ParameterGradient, Prediction, ProbeResult
+from bitmoji.client.aio import AsyncBitmojiClient
+from bitmoji.client.client import BitmojiClient
+from bitmoji.client.errors import BitmojiError
+from bitmoji.client.results import ModelInfo, ParameterGradient, Prediction, ProbeResult
 
 __all__ = [
     "AsyncBitmojiClient",

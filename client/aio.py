@@ -12,11 +12,11 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import channel, convert, results
-from client.client import HEALTH_POLL_SECONDS, STILL_STARTING, health_status_name
-from client.errors import BitmojiError
-from client.results import ModelInfo, Prediction, ProbeResult
-from client.retry import acall_with_retries
+from bitmoji.client import channel, convert, results
+from bitmoji.client.client import HEALTH_POLL_SECONDS, STILL_STARTING, health_status_name
+from bitmoji.client.errors import BitmojiError
+from bitmoji.client.results import ModelInfo, Prediction, ProbeResult
+from bitmoji.client.retry import acall_with_retries
 
 
 class AsyncBitmojiClient:

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.channel import DEFAULT_TARGET
-from client.client import BitmojiClient
-from client.errors import BitmojiError
+from bitmoji.client.channel import DEFAULT_TARGET
+from bitmoji.client.client import BitmojiClient
+from bitmoji.client.errors import BitmojiError
 
 PROG = "bitmoji-client"
 CLASSIFY_CHUNK = 64  # files per call: well under the server's per-call cap, and little memory for a long glob

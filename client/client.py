@@ -11,10 +11,10 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import channel, convert, results
-from client.errors import BitmojiError
-from client.results import ModelInfo, Prediction, ProbeResult
-from client.retry import call_with_retries
+from bitmoji.client import channel, convert, results
+from bitmoji.client.errors import BitmojiError
+from bitmoji.client.results import ModelInfo, Prediction, ProbeResult
+from bitmoji.client.retry import call_with_retries
 
 HEALTH_POLL_SECONDS = 0.1
 # While a server starts: not reachable yet, or its health service does not know the name yet.

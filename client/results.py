@@ -8,7 +8,7 @@ from typing import Any
 
 from bitmoji.v1 import classifier_pb2 as pb
 
-from client.convert import to_torch
+from bitmoji.client.convert import to_torch
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import grpc
 
-from client.errors import BitmojiError
+from bitmoji.client.errors import BitmojiError
 
 T = TypeVar("T")
 JITTER = 0.2  # +-20%, as gRPC's own reconnect backoff: clients that failed together do not retry together

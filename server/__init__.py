@@ -1,4 +1,4 @@
-"""The bitmoji gRPC model server: `bitmoji-serve` (see `server.cli`).
+"""The bitmoji gRPC model server: `bitmoji-serve` (see `bitmoji.server.cli`).
 
 Modules, one job each: `config` (every knob, flags and environment),
 `inputs` (request items -> tensors, validated), `model` (the served model and

@@ -1,7 +1,7 @@
-"""`python -m server` = `bitmoji-serve`."""
+"""`python -m bitmoji.server` = `bitmoji-serve`."""
 
 import sys
 
-from server.cli import main
+from bitmoji.server.cli import main
 
 sys.exit(main())

@@ -40,10 +40,10 @@ from typing import Callable
 
 import torch
 
-from server import metrics as m
-from server.inputs import InputError, InputSpec
-from server.model import ServedModel, error_summary
-from trainer.preprocess import to_model_input
+from bitmoji.server import metrics as m
+from bitmoji.server.inputs import InputError, InputSpec
+from bitmoji.server.model import ServedModel, error_summary
+from bitmoji.core.preprocess import to_model_input
 
 log = logging.getLogger("bitmoji-serve")
 

@@ -1,4 +1,4 @@
-"""`bitmoji-serve`: flags -> one server process (`server.main.serve`) or N of them (`server.workers.supervise`).
+"""`bitmoji-serve`: flags -> one server process (`bitmoji.server.main.serve`) or N of them (`bitmoji.server.workers.supervise`).
 
 This module and everything the `--workers` supervisor imports stay free of
 torch: the supervisor only starts, watches and signals its workers, so it
@@ -15,7 +15,7 @@ import signal
 import sys
 import warnings
 
-from server.config import parse_config
+from bitmoji.server.config import parse_config
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
     It ends the process with os._exit once everything is flushed: torch's
     interpreter teardown takes seconds and has nothing left to clean up, and
-    a rolling restart should not wait for it. Embed `server.main.serve()` instead.
+    a rolling restart should not wait for it. Embed `bitmoji.server.main.serve()` instead.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload request must not end a starting server
     config = parse_config(argv)
     configure_logging(config.log_level)
     code = 0
     if config.workers > 1:
-        from server.workers import supervise
+        from bitmoji.server.workers import supervise
 
         argv = sys.argv[1:] if argv is None else list(argv)
         try:
@@ -60,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             code = 1
     else:
-        from server.main import serve
-        from trainer.modelfile import ModelFileError
+        from bitmoji.server.main import serve
+        from bitmoji.core.device import DeviceError
+        from bitmoji.core.modelfile import ModelFileError
 
         # Pillow warns about odd bytes in callers' images (corrupt EXIF...): the caller's problem, answered with a
         # status; as log lines they would let anyone flood the log.
         warnings.filterwarnings("ignore", module=r"PIL\.")
         try:
             asyncio.run(serve(config))
-        except (ModelFileError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError
+        except (ModelFileError, DeviceError, RuntimeError, OSError) as exc:  # SecurityConfigError is a RuntimeError
             log.error("%s", exc)
             code = 1
     logging.shutdown()

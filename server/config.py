@@ -11,12 +11,11 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from bitmoji.core.limits import DEFAULT_MAX_PIXELS
+
 OPTIMIZE_MODES = ("auto", "on", "off")
 
 ENV_PREFIX = "BITMOJI_"
-# trainer.preprocess.DEFAULT_MAX_PIXELS (a test holds them equal): this module must not import torch, so that
-# the `--workers` supervisor, which parses the same flags, never loads it.
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 def address(host: str, port: int) -> str:
@@ -48,7 +47,7 @@ class ServerConfig:
     max_probe_inputs: int = 8
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
-    workers: int = 1  # server processes sharing the port (see server.workers)
+    workers: int = 1  # server processes sharing the port (see bitmoji.server.workers)
     cores: int | None = None  # cores the thread defaults are sized to; None = the CPU affinity mask (see resolved_cores)
     decode_workers: int | None = None  # model threads (decode + forward); None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bitmoji.v1 import classifier_pb2 as pb
-from trainer.preprocess import ImageError, load_image
+from bitmoji.core.preprocess import ImageError, load_image
 
 # Tensors are built straight on the request's immutable bytes, without a copy;
 # they are only read (stacked into a new batch), so the warning does not apply.

@@ -5,7 +5,7 @@ need nothing but ModelMetadata to call the model, named `bitmoji` unless
 `--model-name` says otherwise, whose version is the served model's:
 
     inputs   image          FP32   [-1, 3, 128, 128]  preprocessed: RGB, resized, scaled to [0, 1]
-                                                        (`trainer.preprocess`; the item shape is the model's)
+                                                        (`bitmoji.core.preprocess`; the item shape is the model's)
              image_bytes    BYTES  [-1]               encoded images (PNG, JPEG, ...), preprocessed by the
                                                         server exactly like Classify's `image` inputs
     outputs  logits         FP32   [-1, 1]            the model's raw output
@@ -28,7 +28,7 @@ Every RPC is counted in the request metrics under its own name.
 
 tritonclient ships its own copy of the `inference.*` protobuf messages, so it
 and this module cannot be imported into one Python process (protobuf refuses
-the duplicate symbols); `server.main` imports this module only when it serves.
+the duplicate symbols); `bitmoji.server.main` imports this module only when it serves.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from bitmoji.v1 import classifier_pb2 as pb
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
-from server.inputs import MAX_RANK, InputError
-from server.model import ServedModel
-from server.serialization import add_timed
-from server.service import ClassifierService, ServiceError, observed
+from bitmoji.inference import grpc_service_pb2 as kpb
+from bitmoji.inference import grpc_service_pb2_grpc as kpb_grpc
+from bitmoji.server.inputs import MAX_RANK, InputError
+from bitmoji.server.model import ServedModel
+from bitmoji.server.serialization import add_timed
+from bitmoji.server.service import ClassifierService, ServiceError, observed
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MODEL_NAME = "bitmoji"

@@ -6,8 +6,8 @@ meet; health turns SERVING and one "ready on HOST:PORT" line is logged. On
 SIGTERM or SIGINT health turns NOT_SERVING, new calls are refused, accepted
 calls get up to --grace-period-s to finish, then long-lived streams (health
 Watch) are closed, and one "stopped" line is logged. A second signal stops at
-once. SIGHUP reloads the model file (see `server.reload`); TLS and tokens are
-`server.security`'s. The `bitmoji-serve` command itself is `server.cli`.
+once. SIGHUP reloads the model file (see `bitmoji.server.reload`); TLS and tokens are
+`bitmoji.server.security`'s. The `bitmoji-serve` command itself is `bitmoji.server.cli`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from server.batcher import Batcher
-from server.config import ServerConfig, address, cpu_count
-from server.inputs import decode_input
-from server.metrics import Metrics
-from server.model import ServedModel, error_summary, resolve_device
-from server.reload import ModelReloader
-from server.security import TokenAuthInterceptor, describe, server_credentials, tokens
-from server.serialization import add_timed
-from server.service import SERVICE_NAME, ClassifierService
-from trainer.modelfile import ModelFileError, load_model
+from bitmoji.server.batcher import Batcher
+from bitmoji.server.config import ServerConfig, address, cpu_count
+from bitmoji.server.inputs import decode_input
+from bitmoji.server.metrics import Metrics
+from bitmoji.core.device import resolve_device
+from bitmoji.server.model import ServedModel, error_summary
+from bitmoji.server.reload import ModelReloader
+from bitmoji.server.security import TokenAuthInterceptor, describe, server_credentials, tokens
+from bitmoji.server.serialization import add_timed
+from bitmoji.server.service import SERVICE_NAME, ClassifierService
+from bitmoji.core.modelfile import ModelFileError, load_model
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -106,8 +107,8 @@ async def serve(config: ServerConfig) -> None:
     add_timed(pb_grpc.add_ClassifierServicer_to_server, service, server, metrics.serialization_duration)
     health_servicer = health.aio.HealthServicer()
     # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships the
-    # same `inference.*` protobuf messages, and a process that imports server.main (a test) may load tritonclient.
-    from server import kserve
+    # same `inference.*` protobuf messages, and a process that imports bitmoji.server.main (a test) may load tritonclient.
+    from bitmoji.server import kserve
 
     services = (SERVICE_NAME, kserve.add_to_server(server, service, health_servicer, model_name=config.model_name,
                                                   serialization=metrics.serialization_duration))

@@ -5,7 +5,7 @@ servers in one process, or a test, from sharing counters. Names follow the
 Prometheus conventions: `bitmoji_` prefix, base units (seconds), `_total` on
 counters, few labels (method and status-code name; the drop reason).
 
-Under `--workers N` (see `server.workers`) prometheus-client's multiprocess
+Under `--workers N` (see `bitmoji.server.workers`) prometheus-client's multiprocess
 mode keeps the values in files that the supervisor sums: gauges say how
 (`livesum`: in-flight calls of all live workers), and the model's identity is
 a gauge set to 1 (an `Info` metric does not work across processes).

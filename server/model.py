@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from server.config import OPTIMIZE_MODES
-from server.inputs import InputSpec
-from trainer.modelfile import LoadedModel, ModelFileError, optimize_for_inference
-from trainer.preprocess import PREPROCESSING, to_model_input
+from bitmoji.server.config import OPTIMIZE_MODES
+from bitmoji.server.inputs import InputSpec
+from bitmoji.core.modelfile import LoadedModel, ModelFileError, optimize_for_inference
+from bitmoji.core.preprocess import PREPROCESSING, to_model_input
 
 
 OPTIMIZED_TOLERANCE = 1e-4  # |logit difference| (absolute and relative) the optimized copy may show
@@ -39,14 +39,6 @@ def error_summary(exc: BaseException, limit: int = 300) -> str:
     return (line if ":" in line else f"{type(exc).__name__}: {line}")[:limit]
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelFileError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _image_size(metadata: dict, shape: tuple[int, ...] | None) -> tuple[int, int] | None:

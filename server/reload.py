@@ -29,9 +29,9 @@ import time
 import torch
 from prometheus_client import Counter
 
-from server.config import ServerConfig
-from server.model import ServedModel, error_summary
-from trainer.modelfile import ModelFileError, load_model
+from bitmoji.server.config import ServerConfig
+from bitmoji.server.model import ServedModel, error_summary
+from bitmoji.core.modelfile import ModelFileError, load_model
 
 log = logging.getLogger("bitmoji-serve")
 

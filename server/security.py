@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from server.config import ServerConfig, check_token
+from bitmoji.server.config import ServerConfig, check_token
 
 log = logging.getLogger("bitmoji-serve")
 

@@ -22,13 +22,13 @@ import torch
 
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from server.batcher import Batcher, BatchFailed, DeadlineExpired, QueueFull, ShuttingDown, build_batch
-from server.config import ServerConfig
-from server.inputs import InputError, decode_input, tensor_to_proto
-from server.metrics import Metrics
-from server.model import ServedModel, error_summary
-from server.saliency import saliency_png
-from trainer.gradients import ProbeError, gradient_probe
+from bitmoji.server.batcher import Batcher, BatchFailed, DeadlineExpired, QueueFull, ShuttingDown, build_batch
+from bitmoji.server.config import ServerConfig
+from bitmoji.server.inputs import InputError, decode_input, tensor_to_proto
+from bitmoji.server.metrics import Metrics
+from bitmoji.server.model import ServedModel, error_summary
+from bitmoji.server.saliency import saliency_png
+from bitmoji.core.gradients import ProbeError, gradient_probe
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -151,7 +151,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return self._batcher.model
 
     def swap_model(self, served: ServedModel) -> ServedModel:
-        """Serve `served` (checked and warmed up: see `server.reload`) from the next batch on; returns the model it replaced."""
+        """Serve `served` (checked and warmed up: see `bitmoji.server.reload`) from the next batch on; returns the model it replaced."""
         old = self._batcher.swap_model(served)
         self._metrics.set_model(served.version, str(served.device), served.loaded.metadata.get("architecture") or "")
         return old
@@ -209,7 +209,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         )
 
     async def infer(self, inputs, context) -> tuple[list, ServedModel]:
-        """The path of every inference (Classify's, and ModelInfer's in `server.kserve`): check, then queue raw items.
+        """The path of every inference (Classify's, and ModelInfer's in `bitmoji.server.kserve`): check, then queue raw items.
 
         The batcher's model threads decode and run them. Returns one [logit, probability] per item and the
         model that ran them.

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from server.config import ServerConfig, address
+from bitmoji.server.config import ServerConfig, address
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -71,7 +71,7 @@ class Supervisor:
         # argparse keeps the last of a repeated flag: these override the user's (--torch-threads and
         # --decode-workers, when given, stay as they are: per worker)
         return [
-            sys.executable, "-m", "server", *self.argv, "--workers", "1", "--port", str(self.port),
+            sys.executable, "-m", "bitmoji.server", *self.argv, "--workers", "1", "--port", str(self.port),
             "--metrics-port", "0", "--cores", str(worker_cores(self.config)),
         ]
 

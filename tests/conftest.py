@@ -13,8 +13,8 @@ import torch
 
 from bench.common import free_port  # noqa: F401 (re-exported: tests import it from here)
 from bench.common import start_server as launch_server
-from trainer.export import build_metadata, export_model
-from trainer.models import ToyNetwork, build_model
+from bitmoji.core.modelfile import build_metadata, export_model
+from bitmoji.trainer.models import ToyNetwork, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BITMOJI_REAL_DATA", ROOT.parent / "shared" / "data" / "bitmoji"))
@@ -41,7 +41,7 @@ def cnn_model_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_model_file(tmp_path_factory) -> Path:
     """The lecture's 1-2-1 network with its worked-example weights, and no metadata."""
-    from trainer import modelfile
+    from bitmoji.core import modelfile
 
     path = tmp_path_factory.mktemp("models") / "toy.pt"
     return modelfile.export_torchscript(ToyNetwork.lecture(), path, {}, torch.tensor([[1.0], [0.5]]))
@@ -78,7 +78,7 @@ class ServerProcess:
 
 
 def start_server(model: Path, *args: str, env: dict | None = None, timeout: float = 60, metrics: bool = True) -> ServerProcess:
-    """Start `python -m server` on a free loopback port and wait for its ready line (the benchmarks' own launcher)."""
+    """Start `python -m bitmoji.server` on a free loopback port and wait for its ready line (the benchmarks' own launcher)."""
     server = launch_server(model, list(args), metrics=metrics, timeout=timeout, env=env)
     host, _, port = server.target.rpartition(":")
     return ServerProcess(server.proc, host, int(port), server.metrics_port, server.log)

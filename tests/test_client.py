@@ -1,4 +1,4 @@
-"""The client against the real server: a `python -m server` subprocess on a loopback port, real gRPC."""
+"""The client against the real server: a `python -m bitmoji.server` subprocess on a loopback port, real gRPC."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from client import AsyncBitmojiClient, BitmojiClient, BitmojiError
+from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
 from conftest import free_port, start_server
-from trainer.modelfile import file_sha256, load_model
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core.modelfile import file_sha256, load_model
+from bitmoji.core.preprocess import load_image, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_FLAGS = ("--max-batch-size", "8")  # fewer batch sizes to warm up on 2 cores
@@ -185,7 +185,7 @@ def test_async_client_classifies_and_describes(cnn_server, cnn_model_file, tmp_p
 
 def run_cli(target: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BITMOJI_TARGET": target}
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "bitmoji.client", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_end_to_end(cnn_server, tmp_path):

@@ -19,9 +19,9 @@ from PIL import Image
 
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc
-from client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli, convert
-from client.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_credentials, channel_options
-from client.retry import backoff_delay, call_with_retries
+from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli, convert
+from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_credentials, channel_options
+from bitmoji.client.retry import backoff_delay, call_with_retries
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 

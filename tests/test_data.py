@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import preprocess
-from trainer.data import DataError, choose_positive_class, load_dataset
+from bitmoji.core import preprocess
+from bitmoji.trainer.data import DataError, choose_positive_class, load_dataset
 
 
 def png_bytes(size=(128, 128), mode="RGB", color=(200, 30, 30), fmt="PNG") -> bytes:

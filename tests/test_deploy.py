@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from bitmoji.v1 import classifier_pb2
-from server.config import ENV_PREFIX, ServerConfig, parse_config
-from server.main import default_torch_threads
+from bitmoji.server.config import ENV_PREFIX, ServerConfig, parse_config
+from bitmoji.server.main import default_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"

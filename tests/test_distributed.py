@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from trainer import distributed, modelfile, synth
-from trainer.data import load_split
-from trainer.models import build_model
-from trainer.train import TrainConfig, TrainingError, evaluate, fit
+from bitmoji.core import modelfile
+from bitmoji.trainer import distributed, synth
+from bitmoji.trainer.data import load_split
+from bitmoji.trainer.models import build_model
+from bitmoji.trainer.train import TrainConfig, TrainingError, evaluate, fit
 
 # the MLP without dropout or augmentation: nothing random but the shuffling, which every rank draws alike;
 # lr 1e-3 and patience 1 make this run stop early at epoch 4 (of 15), with accuracies that move
@@ -29,7 +30,7 @@ def tiny(tmp_path_factory):
 def torchrun_fit(data, out, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`; a hang fails the test (and its processes are killed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    cmd += ["-m", "trainer", "fit", "--data", str(data), "--out", str(out), *FLAGS, "--threads", "1", "--no-progress", *args]
+    cmd += ["-m", "bitmoji.trainer", "fit", "--data", str(data), "--out", str(out), *FLAGS, "--threads", "1", "--no-progress", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.early_stopping import EarlyStopping
+from bitmoji.trainer.early_stopping import EarlyStopping
 
 
 def run(stopper, losses):

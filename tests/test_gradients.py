@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from trainer import modelfile
-from trainer.gradients import DOT_ROW, SMALL_GRADIENT, STATS_CHUNK, ProbeError, gradient_probe, gradient_stats
-from trainer.models import ToyNetwork
+from bitmoji.core import modelfile
+from bitmoji.core.gradients import DOT_ROW, SMALL_GRADIENT, STATS_CHUNK, ProbeError, gradient_probe, gradient_stats
+from bitmoji.trainer.models import ToyNetwork
 
 # The lecture's hand-computed gradients for x = 1, y = 3, MSE loss.
 EXPECTED = {

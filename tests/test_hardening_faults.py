@@ -30,7 +30,7 @@ from conftest import export_test_model, start_server
 from test_hardening_input import rss_bytes, small_image
 from test_server import image_input, sample, scrape
 from test_server_faults import FaultyNet, request, running_alone, wait_until
-from trainer import modelfile
+from bitmoji.core import modelfile
 
 OK = grpc.StatusCode.OK
 

@@ -23,12 +23,12 @@ from PIL import Image
 
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from client import BitmojiClient, BitmojiError
-from client.channel import DEFAULT_MAX_MESSAGE_BYTES
+from bitmoji.client import BitmojiClient, BitmojiError
+from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 from conftest import start_server
-from server.config import ServerConfig, parse_config
+from bitmoji.server.config import ServerConfig, parse_config
 from test_server import health_status, image_input, png, rpc_error, scrape
-from trainer.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from bitmoji.core.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_PIXELS = 20_000  # the module's server: a 128x128 image (16,384 pixels) passes, 200x200 does not

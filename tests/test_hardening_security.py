@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from client import BitmojiClient, BitmojiError
+from bitmoji.client import BitmojiClient, BitmojiError
 from conftest import start_server
-from server.config import ServerConfig, parse_config
-from server.security import PROBE_METHOD, SecurityConfigError, TokenAuthInterceptor, server_credentials, tokens
+from bitmoji.server.config import ServerConfig, parse_config
+from bitmoji.server.security import PROBE_METHOD, SecurityConfigError, TokenAuthInterceptor, server_credentials, tokens
 from test_hardening_input import small_image
 from test_server import image_input, rpc_error, tensor_input
 
@@ -148,7 +148,7 @@ def test_mutual_tls_requires_a_client_certificate_signed_by_the_configured_ca(mu
 
 
 def test_client_cli_takes_client_certificates(mutual, pki):
-    from client.cli import main
+    from bitmoji.client.cli import main
 
     common = ["--target", mutual.target, "--ca-file", str(pki / "ca.crt"), "--timeout", "5"]
     assert main([*common, "--cert", str(pki / "client.crt"), "--key", str(pki / "client.key"), "health"]) == 0
@@ -229,7 +229,7 @@ def test_token_rules_and_constant_time_comparison():
         assert (refusal and refusal[0]) == expected, (method, metadata, refusal)
     import inspect
 
-    from server import security
+    from bitmoji.server import security
 
     assert "hmac.compare_digest" in inspect.getsource(security._matches)
 
@@ -285,7 +285,7 @@ def test_token_and_tls_configuration(tmp_path):
 def test_a_bad_certificate_path_stops_the_server_before_it_loads_the_model(tmp_path):
     import asyncio
 
-    from server.main import serve
+    from bitmoji.server.main import serve
 
     config = ServerConfig(model=str(tmp_path / "no-model.pt"), tls_cert=str(tmp_path / "none.crt"), tls_key=str(tmp_path / "none.key"))
     with pytest.raises(SecurityConfigError, match="--tls-key .*none.key"):  # not ModelFileError: the model was not loaded
@@ -345,8 +345,8 @@ class _Payload:
 
 
 def test_a_checkpoint_with_a_pickled_object_is_refused_unrun(tmp_path):
-    from trainer import synth
-    from trainer.train import TrainConfig, fit
+    from bitmoji.trainer import synth
+    from bitmoji.trainer.train import TrainConfig, fit
 
     data = synth.generate(tmp_path / "data", n_train=8, n_valid=4, seed=0, progress=False)
     out = tmp_path / "run"

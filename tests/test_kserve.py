@@ -7,7 +7,7 @@ images (BYTES). Requests tritonclient cannot send (typed `contents`, sizes
 that contradict the shape) go through tritonclient's own generated stubs.
 
 tritonclient carries its own copy of the `inference.*` protobuf messages, so
-this process must never import the server's (`server.kserve`,
+this process must never import the server's (`bitmoji.server.kserve`,
 `inference.grpc_service_pb2`): protobuf refuses duplicate symbols.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-if "inference.grpc_service_pb2" in sys.modules:  # pragma: no cover - a test elsewhere imported server.kserve
+if "inference.grpc_service_pb2" in sys.modules:  # pragma: no cover - a test elsewhere imported bitmoji.server.kserve
     raise ImportError("the server's inference stubs are loaded in this process; tritonclient's cannot be (see the docstring)")
 
 import grpc
@@ -31,10 +31,10 @@ from tritonclient.utils import InferenceServerException
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import start_server
-from server.config import parse_config
+from bitmoji.server.config import parse_config
 from test_server import health_status, image_input, sample, scrape, synthetic_images, tensor_input
-from trainer.modelfile import load_model
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core.modelfile import load_model
+from bitmoji.core.preprocess import load_image, to_model_input
 
 MODEL = "bitmoji-cnn"
 KSERVE = "inference.GRPCInferenceService"

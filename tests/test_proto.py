@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # proto file (relative to proto/) -> its committed stubs
 PROTOS = {
     "bitmoji/v1/classifier.proto": ("classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py"),
-    "inference/grpc_service.proto": ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py"),
+    "bitmoji/inference/grpc_service.proto": ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py"),
 }
 
 

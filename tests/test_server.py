@@ -1,4 +1,4 @@
-"""The gRPC server, end to end: a real `python -m server` subprocess on the CNN model, real gRPC, generated stubs.
+"""The gRPC server, end to end: a real `python -m bitmoji.server` subprocess on the CNN model, real gRPC, generated stubs.
 
 One server process serves the whole module (starting one costs seconds);
 tests that count metrics compare scrapes taken before and after their calls.
@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import start_server
-from trainer.gradients import gradient_probe
-from trainer.modelfile import load_model
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core.gradients import gradient_probe
+from bitmoji.core.modelfile import load_model
+from bitmoji.core.preprocess import load_image, to_model_input
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NUMPY_DTYPES = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8", pb.DATA_TYPE_FLOAT16: "<f2", pb.DATA_TYPE_UINT8: "u1"}

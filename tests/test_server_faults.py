@@ -21,7 +21,7 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import start_server
 from test_server import health_status, rpc_error, sample, scrape, tensor_input
-from trainer import modelfile
+from bitmoji.core import modelfile
 
 SLOW_S = 0.8
 

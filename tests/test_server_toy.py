@@ -17,7 +17,7 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import free_port, start_server
 from test_server import from_proto, image_input, rpc_error, synthetic_images, tensor_input
-from trainer.modelfile import load_model
+from bitmoji.core.modelfile import load_model
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

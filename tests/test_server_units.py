@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from server.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
-from server.config import ServerConfig, parse_config
-from server.inputs import InputError
-from server.metrics import Metrics
-from server.model import ServedModel
-from trainer import modelfile
+from bitmoji.server.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
+from bitmoji.server.config import ServerConfig, parse_config
+from bitmoji.server.inputs import InputError
+from bitmoji.server.metrics import Metrics
+from bitmoji.server.model import ServedModel
+from bitmoji.core import modelfile
 
 from conftest import export_test_model
 
@@ -270,7 +270,7 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_optimize_on_serves_a_frozen_copy_with_the_same_logits_and_probes_keep_the_parameters(cnn_model_file):
-    from trainer.gradients import gradient_probe
+    from bitmoji.core.gradients import gradient_probe
 
     plain = _served_cnn(cnn_model_file)
     fast, why = plain.optimized(8, "on")
@@ -305,11 +305,11 @@ def test_optimize_off_or_no_declared_shape_keeps_the_module_as_loaded(cnn_model_
 
 
 def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_served(cnn_model_file, tmp_path, monkeypatch):
-    import server.model
+    import bitmoji.server.model
 
     plain = _served_cnn(cnn_model_file)
     other = modelfile.load_model(export_test_model("cnn", tmp_path / "other.pt", seed=7)).module  # other weights: other logits
-    monkeypatch.setattr(server.model, "optimize_for_inference", lambda module: other)
+    monkeypatch.setattr(bitmoji.server.model, "optimize_for_inference", lambda module: other)
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (the optimized copy's logits differ by up to")
 
@@ -317,14 +317,14 @@ def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_ser
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("the copy breaks at run time")
 
-    monkeypatch.setattr(server.model, "optimize_for_inference", lambda module: modelfile.script(Broken()))
+    monkeypatch.setattr(bitmoji.server.model, "optimize_for_inference", lambda module: modelfile.script(Broken()))
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (the optimized copy failed:") and "breaks at run time" in why
 
     def cannot(module):
         raise RuntimeError("freezing failed")
 
-    monkeypatch.setattr(server.model, "optimize_for_inference", cannot)
+    monkeypatch.setattr(bitmoji.server.model, "optimize_for_inference", cannot)
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (could not optimize: RuntimeError")
 

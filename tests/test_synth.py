@@ -1,4 +1,4 @@
-"""Tests for trainer.synth, the embedded default data set generator."""
+"""Tests for bitmoji.trainer.synth, the embedded default data set generator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import synth
+from bitmoji.trainer import synth
 
 SMALL = dict(n_train=16, n_valid=8, progress=False)
 

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from trainer import modelfile, synth
-from trainer.predict import predict_files
-from trainer.train import TrainConfig, fit
+from bitmoji.core import modelfile
+from bitmoji.trainer import synth
+from bitmoji.trainer.predict import predict_files
+from bitmoji.trainer.train import TrainConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
 
 
 def test_cli_synth_fit_predict(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=300)  # noqa: E731
+    run = lambda *args: subprocess.run([sys.executable, "-m", "bitmoji.trainer", *args], capture_output=True, text=True, timeout=300)  # noqa: E731
     r = run("synth", "--out", str(tmp_path / "d"), "--n-train", "16", "--n-valid", "8")
     assert r.returncode == 0, r.stderr
     r = run("fit", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "8", "--no-progress")

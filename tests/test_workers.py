@@ -16,12 +16,12 @@ import torch
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import ROOT
-from server.config import ServerConfig, parse_config
-from server.main import default_torch_threads
-from server.workers import Supervisor, worker_cores
+from bitmoji.server.config import ServerConfig, parse_config
+from bitmoji.server.main import default_torch_threads
+from bitmoji.server.workers import Supervisor, worker_cores
 from test_server import image_input, sample, scrape, synthetic_images
-from trainer.modelfile import load_model
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core.modelfile import load_model
+from bitmoji.core.preprocess import load_image, to_model_input
 
 
 def _children(pid: int) -> list[int]:
@@ -42,12 +42,12 @@ def _worker_config(argv: list[str]) -> ServerConfig:
     """The configuration a worker parses from the command line its supervisor starts it with."""
     supervisor_config = parse_config(argv, environ={})
     command = Supervisor(supervisor_config, argv, port=1234).command()
-    assert command[1:3] == ["-m", "server"]
+    assert command[1:3] == ["-m", "bitmoji.server"]
     return parse_config(command[3:], environ={})
 
 
 def test_each_worker_sizes_its_threads_to_its_share_of_the_cores(monkeypatch):
-    monkeypatch.setattr("server.config.cpu_count", lambda: 16)
+    monkeypatch.setattr("bitmoji.server.config.cpu_count", lambda: 16)
     assert worker_cores(ServerConfig(model="m", workers=4)) == 4
     assert worker_cores(ServerConfig(model="m", workers=32)) == 1
     assert worker_cores(ServerConfig(model="m", workers=2, cores=6)) == 3  # --cores: e.g. the container's CPU limit
@@ -67,7 +67,7 @@ def test_each_worker_sizes_its_threads_to_its_share_of_the_cores(monkeypatch):
 
 def test_the_supervisor_never_imports_torch():
     # It starts its workers at once, instead of after its own ~2 s torch import, and stays ~22 MB instead of ~520.
-    code = "import sys, server.cli, server.workers; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'grpc') if m in sys.modules))"
+    code = "import sys, bitmoji.server.cli, bitmoji.server.workers; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'grpc') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -120,7 +120,7 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a model")
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--model", str(bad), "--port", "0", "--metrics-port", "0", "--workers", "2"],
+        [sys.executable, "-m", "bitmoji.server", "--model", str(bad), "--port", "0", "--metrics-port", "0", "--workers", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1, result.stderr

@@ -1,11 +1,11 @@
-"""`bitmoji-train`: synth | fit | predict (also `python -m trainer`)."""
+"""`bitmoji-train`: synth | fit | predict (also `python -m bitmoji.trainer`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from trainer.early_stopping import RULES
+from bitmoji.trainer.early_stopping import RULES
 
 
 def _fit_parser(sub) -> None:
@@ -50,27 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
 
-    from trainer.data import DataError
-    from trainer.modelfile import ModelFileError
-    from trainer.preprocess import ImageError
-    from trainer.train import TrainingError
+    from bitmoji.core.device import DeviceError
+    from bitmoji.trainer.data import DataError
+    from bitmoji.core.modelfile import ModelFileError
+    from bitmoji.core.preprocess import ImageError
+    from bitmoji.trainer.train import TrainingError
 
     try:
         if args.command == "synth":
-            from trainer import synth
+            from bitmoji.trainer import synth
 
             sizes = {k: v for k, v in (("n_train", args.n_train), ("n_valid", args.n_valid)) if v is not None}
             path = synth.generate(args.out, seed=args.seed, **sizes)
             print(f"data set in {path}")
         elif args.command == "fit":
-            from trainer.train import TrainConfig, fit
+            from bitmoji.trainer.train import TrainConfig, fit
 
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             fit(TrainConfig(**fields))
         else:
-            from trainer.modelfile import load_model
-            from trainer.predict import plot_predictions, predict_files
-            from trainer.train import resolve_device
+            from bitmoji.core.modelfile import load_model
+            from bitmoji.trainer.predict import plot_predictions, predict_files
+            from bitmoji.core.device import resolve_device
 
             model = load_model(args.model, resolve_device(args.device))
             predictions = predict_files(model, args.images)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p.path:<{width}}  {p.label:<10} {p.probability:>11.4f} {p.logit:>8.3f}")
             if args.plot:
                 print(f"wrote {plot_predictions(predictions, args.plot)}")
-    except (DataError, ModelFileError, ImageError, TrainingError, OSError) as exc:
+    except (DataError, DeviceError, ModelFileError, ImageError, TrainingError, OSError) as exc:
         print(f"bitmoji-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

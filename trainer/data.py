@@ -17,7 +17,7 @@ import torch
 from torchvision import datasets
 from tqdm import tqdm
 
-from trainer.preprocess import IMAGE_SIZE, ImageError, load_image_file, resize, to_model_input
+from bitmoji.core.preprocess import IMAGE_SIZE, ImageError, load_image_file, resize, to_model_input
 
 SPLITS = ("train", "valid")
 

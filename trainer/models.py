@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.preprocess import CHANNELS, IMAGE_SIZE
+from bitmoji.core.preprocess import CHANNELS, IMAGE_SIZE
 
 INPUT_SIZE = CHANNELS * IMAGE_SIZE[0] * IMAGE_SIZE[1]
 

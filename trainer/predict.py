@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import modelfile
-from trainer.preprocess import load_image, to_model_input
+from bitmoji.core import modelfile
+from bitmoji.core.preprocess import load_image, to_model_input
 
 
 @dataclass(frozen=True)

@@ -585,7 +585,7 @@ def generate(
     bar = tqdm(total=n_train + n_valid, desc="synth data set", unit="img", file=sys.stderr, disable=None) if progress else None  # disable=None: terminals only
     for split in SPLITS:
         # Independent streams per split: valid scenes never replay train scenes.
-        rng = random.Random(f"trainer.synth/{seed}/{split}")
+        rng = random.Random(f"trainer.synth/{seed}/{split}")  # the seed string predates the bitmoji namespace: keep it, keep the pixels
         for i in range(counts[split] // 2):
             scene = sample_scene(rng)
             twins = {"eva": EVA, "not_eva": sample_negative(rng)}

@@ -29,11 +29,12 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from trainer import data as data_module
-from trainer import distributed
-from trainer.early_stopping import EarlyStopping
-from trainer.export import build_metadata, export_model
-from trainer.models import build_model
+from bitmoji.trainer import data as data_module
+from bitmoji.trainer import distributed
+from bitmoji.trainer.early_stopping import EarlyStopping
+from bitmoji.core.device import resolve_device
+from bitmoji.core.modelfile import build_metadata, export_model
+from bitmoji.trainer.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -84,14 +85,6 @@ class FitResult:
     stop_reason: str
     metadata: dict = field(repr=False)
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 8) -> torch.Tensor:
@@ -319,7 +312,7 @@ def fit(config: TrainConfig) -> FitResult:
     plain.load_state_dict(model.state_dict())
     model_path = export_model(plain, out / MODEL_FILE, metadata)
     write_history(out, history)
-    from trainer.plots import plot_curves  # matplotlib is slow to import; only needed here
+    from bitmoji.trainer.plots import plot_curves  # matplotlib is slow to import; only needed here
 
     plot_curves(history, out / "curves.png", stopped_epoch=stopper.stopped_epoch, best_epoch=stopper.best_epoch, title=f"{cfg.arch} on {Path(cfg.data).name}")
     seconds = time.perf_counter() - started

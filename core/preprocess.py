@@ -21,9 +21,10 @@ import warnings
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from bitmoji.core.limits import DEFAULT_MAX_PIXELS
+
 IMAGE_SIZE = (128, 128)  # (height, width)
 CHANNELS = 3
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 # Recorded in the model file so a server knows how its inputs were made.
 PREPROCESSING = {
