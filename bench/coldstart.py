@@ -40,13 +40,30 @@ def time_to_serving(model: str, timeout: float = 120.0, server_cwd=None, server_
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
-    cmd = [sys.executable, "-m", "bitmoji.server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *server_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitmoji.server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *server_args,
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=server_cwd or ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     answered = serving = None
     try:
         # reconnect fast: by default a refused connection backs off for 1 s, 1.6 s, 2.6 s... and would blur the figure
-        options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 50),
+        ]
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = start + timeout
@@ -77,7 +94,9 @@ def time_to_serving(model: str, timeout: float = 120.0, server_cwd=None, server_
 def _python_seconds(code: str, cwd=None) -> float:
     """Wall time of a fresh interpreter running `code` (start-up included)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=cwd or ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd or ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -107,11 +126,16 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
         r = subprocess.run([sys.executable, "-c", _STAGED, model], cwd=cwd, check=True, capture_output=True, text=True)
         samples.append([float(x) for x in r.stdout.split()])
     out.update((name, statistics.median(column)) for name, column in zip(names, zip(*samples)))
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import bitmoji.server.main"], cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import bitmoji.server.main"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
     rows = []
     for line in r.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
-            parts = line[len("import time:"):].split("|")
+            parts = line[len("import time:") :].split("|")
             try:
                 rows.append((int(parts[0]), int(parts[1]), parts[2].rstrip()))
             except ValueError:
@@ -119,7 +143,9 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     # "import time: self | cumulative | <2 spaces per nesting level>name": keep the first two levels
     top_level = {name.strip(): cum for _, cum, name in rows if len(name) - len(name.lstrip()) <= 3}
     out["importtime_cumulative_ms"] = {k: v / 1000 for k, v in sorted(top_level.items(), key=lambda kv: -kv[1])[:12]}
-    out["importtime_self_top_ms"] = {name.strip(): self_us / 1000 for self_us, _, name in sorted(rows, reverse=True)[:12]}
+    out["importtime_self_top_ms"] = {
+        name.strip(): self_us / 1000 for self_us, _, name in sorted(rows, reverse=True)[:12]
+    }
     return out
 
 
@@ -130,7 +156,9 @@ def run(model: str = "mlp", runs: int = 3, server_cwd=None, with_breakdown: bool
         for i in range(runs):
             progress(f"coldstart: run {i + 1}/{runs}...")
             times.append(time_to_serving(path, server_cwd=server_cwd, server_args=server_args))
-            progress(f"  SERVING after {times[-1]['serving_s']:.2f} s (health answered after {times[-1]['health_answers_s']:.2f} s)")
+            progress(
+                f"  SERVING after {times[-1]['serving_s']:.2f} s (health answered after {times[-1]['health_answers_s']:.2f} s)"
+            )
         result = {
             "benchmark": "coldstart",
             "model": model,
@@ -148,12 +176,19 @@ def run(model: str = "mlp", runs: int = 3, server_cwd=None, with_breakdown: bool
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.coldstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="mlp", help="model file, or mlp/cnn to export an untrained one (default mlp)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--server-cwd", default=None)
-    p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--workers=2")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="a flag for the server (repeat), e.g. --server-arg=--workers=2",
+    )
     p.add_argument("--quick", action="store_true", help="--runs 1 --no-breakdown")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -161,7 +196,9 @@ def main(argv=None) -> dict:
         args.runs, args.no_breakdown = 1, True
     result = run(args.model, args.runs, args.server_cwd, not args.no_breakdown, args.server_arg)
     result["machine"] = machine()
-    print(f"cold start to SERVING: median {result['serving_s_median']:.2f} s over {args.runs} runs (target <= 5 s); loadavg {loadavg()}")
+    print(
+        f"cold start to SERVING: median {result['serving_s_median']:.2f} s over {args.runs} runs (target <= 5 s); loadavg {loadavg()}"
+    )
     for k, v in result.get("breakdown", {}).items():
         if isinstance(v, float):
             print(f"  {k:28} {v:6.2f} s")

@@ -63,7 +63,9 @@ def machine() -> dict:
     }
 
 
-def real_images(data: str | os.PathLike | None = None, n: int = 16, size: tuple[int, int] | None = (128, 128)) -> list[bytes]:
+def real_images(
+    data: str | os.PathLike | None = None, n: int = 16, size: tuple[int, int] | None = (128, 128)
+) -> list[bytes]:
     """`n` PNGs of the real bitmoji set (both classes, sorted, so every run sends the same bytes).
 
     With `size`, only images of that size (the common 128x128). Falls back to
@@ -108,7 +110,9 @@ def synthetic_images(n: int) -> list[bytes]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
-        array = np.clip(np.linspace(0, 255, 128)[None, :, None] * rng.random(3) + rng.normal(0, 30, (128, 128, 3)), 0, 255)
+        array = np.clip(
+            np.linspace(0, 255, 128)[None, :, None] * rng.random(3) + rng.normal(0, 30, (128, 128, 3)), 0, 255
+        )
         buf = io.BytesIO()
         Image.fromarray(array.astype("uint8")).save(buf, format="PNG")
         out.append(buf.getvalue())
@@ -119,7 +123,8 @@ def export_model(arch: str, directory: str | os.PathLike, seed: int = 0) -> Path
     """An untrained, seeded model exported exactly as the trainer exports (weights do not change speed)."""
     import torch
 
-    from bitmoji.core.modelfile import build_metadata, export_model as _export
+    from bitmoji.core.modelfile import build_metadata
+    from bitmoji.core.modelfile import export_model as _export
     from bitmoji.trainer.models import build_model
 
     path = Path(directory) / f"{arch}.pt"
@@ -184,16 +189,41 @@ class Server:
         self.stop()
 
 
-def start_server(model: str | os.PathLike, args: list[str] = (), *, cwd: str | os.PathLike | None = None,
-                 metrics: bool = True, timeout: float = 120, python: str = sys.executable,
-                 env: dict | None = None) -> Server:
+def start_server(
+    model: str | os.PathLike,
+    args: list[str] = (),
+    *,
+    cwd: str | os.PathLike | None = None,
+    metrics: bool = True,
+    timeout: float = 120,
+    python: str = sys.executable,
+    env: dict | None = None,
+) -> Server:
     """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for ready."""
     metrics_port = free_port() if metrics else 0
-    cmd = [python, "-m", "bitmoji.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", str(metrics_port), *args]
+    cmd = [
+        python,
+        "-m",
+        "bitmoji.server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        *args,
+    ]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     log: list[str] = []
     ready = threading.Event()
     found: dict = {}

@@ -47,8 +47,9 @@ def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None)
     from bench import load
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.grpc_floor", "--serve", str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the no-op server did not start")
@@ -57,10 +58,13 @@ def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None)
         rows = []
         for c in levels:
             progress(f"grpc_floor: concurrency {c}, {warmup:g} s warm-up + {duration:g} s...")
-            row = load.run_level(target, requests, c, duration=duration, warmup=warmup, procs=load.auto_procs(c),
-                                 server_pids=[proc.pid])
-            progress(f"  {row['images_per_s']:.0f} calls/s, p50 {row['p50']:.2f} ms, server {row['server_cpu_cores']:.2f} cores "
-                     f"({row['server_cpu_ms_per_image']:.3f} CPU ms/call)")
+            row = load.run_level(
+                target, requests, c, duration=duration, warmup=warmup, procs=load.auto_procs(c), server_pids=[proc.pid]
+            )
+            progress(
+                f"  {row['images_per_s']:.0f} calls/s, p50 {row['p50']:.2f} ms, server {row['server_cpu_cores']:.2f} cores "
+                f"({row['server_cpu_ms_per_image']:.3f} CPU ms/call)"
+            )
             rows.append(row)
     finally:
         proc.terminate()
@@ -69,7 +73,9 @@ def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None)
 
 
 def main(argv=None) -> dict | None:
-    p = argparse.ArgumentParser(prog="python -m bench.grpc_floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.grpc_floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--concurrency", default=",".join(map(str, LEVELS)))
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
@@ -81,11 +87,15 @@ def main(argv=None) -> dict | None:
         asyncio.run(_serve(args.serve))
         return None
     started = time.perf_counter()
-    result = run([int(c) for c in args.concurrency.split(",")], duration=args.duration, warmup=args.warmup, data=args.data)
+    result = run(
+        [int(c) for c in args.concurrency.split(",")], duration=args.duration, warmup=args.warmup, data=args.data
+    )
     print(f"{'conc':>5} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>7} {'srv cpu ms/call':>15}")
     for r in result["rows"]:
-        print(f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_cores']:>7.2f} "
-              f"{r['server_cpu_ms_per_image']:>15.3f}")
+        print(
+            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_cores']:>7.2f} "
+            f"{r['server_cpu_ms_per_image']:>15.3f}"
+        )
     progress(f"grpc_floor: done in {time.perf_counter() - started:.0f} s")
     write_json(args.json, result)
     return result

@@ -75,9 +75,11 @@ def _make_step(kind: str, model_path: str | None, images: list[bytes], batch: in
         return [images[(i + j) % len(images)] for j in range(k)]
 
     if kind == "decode":
+
         def step():
             load_image(next_images(1)[0])
             return 1
+
         return step
     module = _load(model_path)
     if kind == "forward":
@@ -87,13 +89,16 @@ def _make_step(kind: str, model_path: str | None, images: list[bytes], batch: in
             with torch.inference_mode():
                 module(to_model_input(x))
             return batch
+
         return step
     if kind == "decode+forward":
+
         def step():
             x = torch.stack([load_image(b) for b in next_images(batch)])
             with torch.inference_mode():
                 module(to_model_input(x))
             return batch
+
         return step
     raise ValueError(kind)
 
@@ -127,8 +132,12 @@ class Workers:
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
         barrier = ctx.Barrier(n)  # cyclic: one for every measurement
-        self._procs = [ctx.Process(target=_worker, args=(model_path, images, batch, barrier, self._tasks, self._results), daemon=True)
-                       for _ in range(n)]
+        self._procs = [
+            ctx.Process(
+                target=_worker, args=(model_path, images, batch, barrier, self._tasks, self._results), daemon=True
+            )
+            for _ in range(n)
+        ]
         for p in self._procs:
             p.start()
         for _ in self._procs:
@@ -154,8 +163,13 @@ class Workers:
 
 def in_processes(kind: str, workers: Workers, model_path, images, batch, duration, warmup) -> dict:
     parts = workers.run(kind, duration, warmup)
-    return {"images_per_s": sum(n_ / s for n_, s, _ in parts), "processes": workers.n, "threads_each": 1,
-            "per_process": [n_ / s for n_, s, _ in parts], "cpu_ms_per_image": 1000 * sum(c for *_, c in parts) / sum(n_ for n_, *_ in parts)}
+    return {
+        "images_per_s": sum(n_ / s for n_, s, _ in parts),
+        "processes": workers.n,
+        "threads_each": 1,
+        "per_process": [n_ / s for n_, s, _ in parts],
+        "cpu_ms_per_image": 1000 * sum(c for *_, c in parts) / sum(n_ for n_, *_ in parts),
+    }
 
 
 def in_threads(kind: str, n: int, model_path, images, batch, duration, warmup) -> dict:
@@ -179,8 +193,11 @@ def in_threads(kind: str, n: int, model_path, images, batch, duration, warmup) -
         t.join()
     del torch
     images_done = sum(n_ for n_, *_ in results)
-    return {"images_per_s": sum(n_ / s for n_, s, _ in results), "threads": n,
-            "cpu_ms_per_image": 1000 * (time.process_time() - cpu["start"]) / images_done}
+    return {
+        "images_per_s": sum(n_ / s for n_, s, _ in results),
+        "threads": n,
+        "cpu_ms_per_image": 1000 * (time.process_time() - cpu["start"]) / images_done,
+    }
 
 
 def in_this_process(kind: str, threads: int, model_path, images, batch, duration, warmup) -> dict:
@@ -188,11 +205,23 @@ def in_this_process(kind: str, threads: int, model_path, images, batch, duration
     step = _make_step(kind, model_path, images, batch)
     _run_for(warmup, step)
     n, seconds, cpu = _run_for(duration, step)
-    return {"images_per_s": n / seconds, "ms_per_image": 1000 * seconds / n, "cpu_ms_per_image": 1000 * cpu / n, "torch_threads": threads}
+    return {
+        "images_per_s": n / seconds,
+        "ms_per_image": 1000 * seconds / n,
+        "cpu_ms_per_image": 1000 * cpu / n,
+        "torch_threads": threads,
+    }
 
 
-def run(model_path: str, images: list[bytes], *, batch: int = 64, duration: float = 3.0, warmup: float = 0.5,
-        processes: int | None = None) -> dict:
+def run(
+    model_path: str,
+    images: list[bytes],
+    *,
+    batch: int = 64,
+    duration: float = 3.0,
+    warmup: float = 0.5,
+    processes: int | None = None,
+) -> dict:
     n = processes or cpu_count()
     rows = {}
 
@@ -200,7 +229,9 @@ def run(model_path: str, images: list[bytes], *, batch: int = 64, duration: floa
         progress(f"inprocess: {name} ({duration:g} s)...")
         rows[name] = fn(*args, model_path, images, batch, duration, warmup)
         rows[name]["loadavg"] = loadavg()
-        progress(f"  {name}: {rows[name]['images_per_s']:.0f} img/s, {rows[name]['cpu_ms_per_image']:.3f} CPU ms per image")
+        progress(
+            f"  {name}: {rows[name]['images_per_s']:.0f} img/s, {rows[name]['cpu_ms_per_image']:.3f} CPU ms per image"
+        )
 
     progress(f"inprocess: starting {n} worker processes...")
     workers = Workers(n, model_path, images, batch)
@@ -235,8 +266,12 @@ def run(model_path: str, images: list[bytes], *, batch: int = 64, duration: floa
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mlp", help="a TorchScript model file, or mlp/cnn to export an untrained one (default mlp)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.inprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="mlp", help="a TorchScript model file, or mlp/cnn to export an untrained one (default mlp)"
+    )
     p.add_argument("--data", default=None, help="the real bitmoji set (default ../shared/data/bitmoji)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement, after the warm-up")
@@ -250,11 +285,15 @@ def main(argv=None) -> dict:
     images = real_images(args.data, 16)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model if args.model not in ("mlp", "cnn") else str(export_model(args.model, tmp))
-        result = run(model, images, batch=args.batch, duration=args.duration, warmup=args.warmup, processes=args.processes)
+        result = run(
+            model, images, batch=args.batch, duration=args.duration, warmup=args.warmup, processes=args.processes
+        )
     result["machine"] = machine()
     result["model_name"] = args.model
-    print(f"decode {result['decode_ms_per_image']:.2f} ms/image on one thread; ceiling (decode+forward, "
-          f"{result['cores']} one-thread processes) {result['ceiling_images_per_s']:.0f} img/s; loadavg {loadavg()}")
+    print(
+        f"decode {result['decode_ms_per_image']:.2f} ms/image on one thread; ceiling (decode+forward, "
+        f"{result['cores']} one-thread processes) {result['ceiling_images_per_s']:.0f} img/s; loadavg {loadavg()}"
+    )
     write_json(args.json, result)
     return result
 

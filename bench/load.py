@@ -35,8 +35,20 @@ import tempfile
 import time
 from collections import Counter
 
-from bench.common import (CLASSIFY, classify_request, export_model, images_source, loadavg, machine, percentiles,
-                          proc_cpu_seconds, progress, real_images, start_server, write_json)
+from bench.common import (
+    CLASSIFY,
+    classify_request,
+    export_model,
+    images_source,
+    loadavg,
+    machine,
+    percentiles,
+    proc_cpu_seconds,
+    progress,
+    real_images,
+    start_server,
+    write_json,
+)
 from bitmoji.server.config import cpu_count
 
 DEFAULT_LEVELS = (1, 8, 32, 64)
@@ -47,8 +59,17 @@ DEFAULT_CHANNELS = 8  # per generator process; see the module docstring
 # -- the generator (runs in its own process) -------------------------------------
 
 
-async def _generate(target: str, requests: list[bytes], concurrency: int, channels: int, start_at: float,
-                    warmup: float, duration: float, first: int, method: str) -> dict:
+async def _generate(
+    target: str,
+    requests: list[bytes],
+    concurrency: int,
+    channels: int,
+    start_at: float,
+    warmup: float,
+    duration: float,
+    first: int,
+    method: str,
+) -> dict:
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
@@ -112,8 +133,18 @@ def _generator_main(args, queue) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_level(target: str, requests: list[bytes], concurrency: int, *, duration: float, warmup: float,
-              procs: int = 1, channels: int = DEFAULT_CHANNELS, server_pids: list[int] = (), method: str = CLASSIFY) -> dict:
+def run_level(
+    target: str,
+    requests: list[bytes],
+    concurrency: int,
+    *,
+    duration: float,
+    warmup: float,
+    procs: int = 1,
+    channels: int = DEFAULT_CHANNELS,
+    server_pids: list[int] = (),
+    method: str = CLASSIFY,
+) -> dict:
     """One concurrency level with `procs` generator processes; -> throughput, latency, errors, CPU.
 
     `requests` are serialised messages for the unary `method` (Classify's by default; another server's for comparisons).
@@ -136,7 +167,10 @@ def run_level(target: str, requests: list[bytes], concurrency: int, *, duration:
             c0 = sum(proc_cpu_seconds(pid) for pid in server_pids)
             time.sleep(max(0.0, start_at + warmup + duration - time.time()))
             server_cpu = (sum(proc_cpu_seconds(pid) for pid in server_pids) - c0) / duration
-        parts = [queue.get(timeout=max(0.0, start_at - time.time()) + warmup + duration + CALL_TIMEOUT_S + 60) for _ in workers]
+        parts = [
+            queue.get(timeout=max(0.0, start_at - time.time()) + warmup + duration + CALL_TIMEOUT_S + 60)
+            for _ in workers
+        ]
     finally:
         for w in workers:
             w.join(10)
@@ -162,7 +196,9 @@ def run_level(target: str, requests: list[bytes], concurrency: int, *, duration:
         "generator_cpu_cores": sum(p["cpu_s"] for p in parts) / duration,
         "server_cpu_cores": server_cpu,
         # CPU per image, server and generator: what a busy shared machine distorts least (see BENCHMARKS.md)
-        "server_cpu_ms_per_image": (1000 * server_cpu * duration / len(latencies)) if latencies and server_cpu is not None else None,
+        "server_cpu_ms_per_image": (1000 * server_cpu * duration / len(latencies))
+        if latencies and server_cpu is not None
+        else None,
         "generator_cpu_ms_per_image": (1000 * sum(p["cpu_s"] for p in parts) / len(latencies)) if latencies else None,
         "loadavg": loadavg(),
     }
@@ -220,9 +256,13 @@ def check_target(target: str, image: bytes) -> dict:
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     if len(response.predictions) != 1:
         raise RuntimeError(f"expected one prediction, got {len(response.predictions)}")
-    return {"model_version": response.model_version, "architecture": info.architecture,
-            "max_batch_size": info.max_batch_size, "max_batch_delay_ms": info.max_batch_delay_ms,
-            "torch_threads": info.torch_threads}
+    return {
+        "model_version": response.model_version,
+        "architecture": info.architecture,
+        "max_batch_size": info.max_batch_size,
+        "max_batch_delay_ms": info.max_batch_delay_ms,
+        "torch_threads": info.torch_threads,
+    }
 
 
 def auto_procs(concurrency: int) -> int:
@@ -230,9 +270,21 @@ def auto_procs(concurrency: int) -> int:
     return 2 if concurrency >= 64 else 1
 
 
-def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None = None, duration: float = 5.0,
-        warmup: float = 1.0, n_images: int = 8, data=None, procs: int | None = None, channels: int = DEFAULT_CHANNELS,
-        server_args: list[str] = (), server_cwd: str | None = None, label: str | None = None) -> dict:
+def run(
+    levels=DEFAULT_LEVELS,
+    *,
+    model: str | None = None,
+    target: str | None = None,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    n_images: int = 8,
+    data=None,
+    procs: int | None = None,
+    channels: int = DEFAULT_CHANNELS,
+    server_args: list[str] = (),
+    server_cwd: str | None = None,
+    label: str | None = None,
+) -> dict:
     """Start the server (or use `target`) and run every level (`--server-arg=--workers=2`: two server processes)."""
     images = real_images(data, n_images)
     requests = [classify_request(b) for b in images]
@@ -252,13 +304,23 @@ def run(levels=DEFAULT_LEVELS, *, model: str | None = None, target: str | None =
             p = procs or auto_procs(c)
             progress(f"load: concurrency {c} ({p} generator process(es)), {warmup:g} s warm-up + {duration:g} s...")
             before = scrape(server)
-            row = run_level(target, requests, c, duration=duration, warmup=warmup, procs=p, channels=channels,
-                            server_pids=[server.pid] if server else [])
+            row = run_level(
+                target,
+                requests,
+                c,
+                duration=duration,
+                warmup=warmup,
+                procs=p,
+                channels=channels,
+                server_pids=[server.pid] if server else [],
+            )
             row.update(stage_means(before, scrape(server)))
             rows.append(row)
-            progress(f"  {row['images_per_s']:.0f} img/s, p50 {_ms(row['p50'])}, p99 {_ms(row['p99'])}, errors {row['error_count']}, "
-                     f"batch {_f(row['mean_batch_size'])}, generator {row['generator_cpu_cores']:.2f} cores, "
-                     f"server {_f(row['server_cpu_cores'])} cores ({_f(row['server_cpu_ms_per_image'], '.3f')} CPU ms/img), loadavg {row['loadavg']}")
+            progress(
+                f"  {row['images_per_s']:.0f} img/s, p50 {_ms(row['p50'])}, p99 {_ms(row['p99'])}, errors {row['error_count']}, "
+                f"batch {_f(row['mean_batch_size'])}, generator {row['generator_cpu_cores']:.2f} cores, "
+                f"server {_f(row['server_cpu_cores'])} cores ({_f(row['server_cpu_ms_per_image'], '.3f')} CPU ms/img), loadavg {row['loadavg']}"
+            )
         return {
             "benchmark": "load",
             "label": label or " ".join(server_args) or "default flags",
@@ -293,34 +355,68 @@ def _f(x, spec: str = ".2f") -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="model file to serve, or mlp/cnn to export an untrained one (default mlp)")
+    src.add_argument(
+        "--model", default=None, help="model file to serve, or mlp/cnn to export an untrained one (default mlp)"
+    )
     src.add_argument("--target", default=None, help="load an already running server at HOST:PORT instead")
-    p.add_argument("--concurrency", default=",".join(map(str, DEFAULT_LEVELS)), help="comma-separated levels (default 1,8,32,64)")
+    p.add_argument(
+        "--concurrency", default=",".join(map(str, DEFAULT_LEVELS)), help="comma-separated levels (default 1,8,32,64)"
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per level, after the warm-up")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--images", type=int, default=8, help="distinct real images to rotate through")
     p.add_argument("--data", default=None, help="the real bitmoji set (default ../shared/data/bitmoji)")
     p.add_argument("--procs", type=int, default=None, help="generator processes (default 1, 2 from concurrency 64)")
-    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS, help="channels (TCP connections) per generator process (default %(default)s)")
-    p.add_argument("--server-arg", action="append", default=[], help="a flag for the server (repeat), e.g. --server-arg=--torch-threads=1")
-    p.add_argument("--server-cwd", default=None, help="run `python -m bitmoji.server` from this directory (a patched copy, for experiments)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=DEFAULT_CHANNELS,
+        help="channels (TCP connections) per generator process (default %(default)s)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="a flag for the server (repeat), e.g. --server-arg=--torch-threads=1",
+    )
+    p.add_argument(
+        "--server-cwd",
+        default=None,
+        help="run `python -m bitmoji.server` from this directory (a patched copy, for experiments)",
+    )
     p.add_argument("--quick", action="store_true", help="--duration 1 --warmup 0.3")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 1.0, 0.3
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    result = run(levels, model=args.model, target=args.target, duration=args.duration, warmup=args.warmup,
-                 n_images=args.images, data=args.data, procs=args.procs, channels=args.channels,
-                 server_args=args.server_arg, server_cwd=args.server_cwd)
+    result = run(
+        levels,
+        model=args.model,
+        target=args.target,
+        duration=args.duration,
+        warmup=args.warmup,
+        n_images=args.images,
+        data=args.data,
+        procs=args.procs,
+        channels=args.channels,
+        server_args=args.server_arg,
+        server_cwd=args.server_cwd,
+    )
     result["machine"] = machine()
-    print(f"{'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'gen cpu':>7} {'srv cpu':>7} {'srv cpu ms/img':>14}")
+    print(
+        f"{'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'gen cpu':>7} {'srv cpu':>7} {'srv cpu ms/img':>14}"
+    )
     for r in result["rows"]:
-        print(f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50'] or 0:>8.2f} {r['p90'] or 0:>8.2f} {r['p99'] or 0:>8.2f} "
-              f"{r['error_count']:>6} {_f(r['mean_batch_size']):>6} {r['generator_cpu_cores']:>7.2f} {_f(r['server_cpu_cores']):>7} "
-              f"{_f(r['server_cpu_ms_per_image'], '.3f'):>14}")
+        print(
+            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50'] or 0:>8.2f} {r['p90'] or 0:>8.2f} {r['p99'] or 0:>8.2f} "
+            f"{r['error_count']:>6} {_f(r['mean_batch_size']):>6} {r['generator_cpu_cores']:>7.2f} {_f(r['server_cpu_cores']):>7} "
+            f"{_f(r['server_cpu_ms_per_image'], '.3f'):>14}"
+        )
     print(f"loadavg {loadavg()} on {cpu_count()} cores")
     write_json(args.json, result)
     return result

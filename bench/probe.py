@@ -14,19 +14,42 @@ import argparse
 import tempfile
 import time
 
-from bench.common import (CLASSIFY, PROBE, classify_request, export_model, images_source, loadavg, machine, percentiles,
-                          progress, real_images, start_server, write_json)
+from bench.common import (
+    CLASSIFY,
+    PROBE,
+    classify_request,
+    export_model,
+    images_source,
+    loadavg,
+    machine,
+    percentiles,
+    progress,
+    real_images,
+    start_server,
+    write_json,
+)
 
 
 def probe_request(image: bytes, *, values: bool = False, saliency: bool = False) -> bytes:
     from bitmoji.v1 import classifier_pb2 as pb
 
-    return pb.GradientProbeRequest(inputs=[pb.Input(image=image)], targets=[1.0], loss=pb.LOSS_BCE,
-                                   include_values=values, include_saliency_png=saliency).SerializeToString()
+    return pb.GradientProbeRequest(
+        inputs=[pb.Input(image=image)],
+        targets=[1.0],
+        loss=pb.LOSS_BCE,
+        include_values=values,
+        include_saliency_png=saliency,
+    ).SerializeToString()
 
 
-def measure(target: str, images: list[bytes], calls: int, warmup_calls: int = 10, max_seconds: float = 120.0,
-            saliency: bool = False) -> dict:
+def measure(
+    target: str,
+    images: list[bytes],
+    calls: int,
+    warmup_calls: int = 10,
+    max_seconds: float = 120.0,
+    saliency: bool = False,
+) -> dict:
     import grpc
 
     classify = [classify_request(b) for b in images]
@@ -56,7 +79,9 @@ def measure(target: str, images: list[bytes], calls: int, warmup_calls: int = 10
     }
 
 
-def run(model: str = "mlp", calls: int = 200, data=None, server_args=(), server_cwd=None, saliency: bool = False) -> dict:
+def run(
+    model: str = "mlp", calls: int = 200, data=None, server_args=(), server_cwd=None, saliency: bool = False
+) -> dict:
     images = real_images(data, 8)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(export_model(model, tmp)) if model in ("mlp", "cnn") else model
@@ -65,13 +90,17 @@ def run(model: str = "mlp", calls: int = 200, data=None, server_args=(), server_
             progress(f"probe: {calls} Classify + {calls} GradientProbe calls, interleaved...")
             result = measure(server.target, images, calls, saliency=saliency)
     result.update(benchmark="probe", model=model, images=images_source(data), saliency_png=saliency)
-    progress(f"  Classify p50 {result['classify_ms']['p50']:.2f} ms, GradientProbe p50 {result['probe_ms']['p50']:.2f} ms: "
-             f"ratio {result['p50_ratio']:.2f} (target <= 3)")
+    progress(
+        f"  Classify p50 {result['classify_ms']['p50']:.2f} ms, GradientProbe p50 {result['probe_ms']['p50']:.2f} ms: "
+        f"ratio {result['p50_ratio']:.2f} (target <= 3)"
+    )
     return result
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="mlp", help="model file, or mlp/cnn to export an untrained one (default mlp)")
     p.add_argument("--calls", type=int, default=200, help="measured calls of each method (after 10 warm-up rounds)")
     p.add_argument("--data", default=None)
@@ -85,9 +114,11 @@ def main(argv=None) -> dict:
         args.calls = 20
     result = run(args.model, args.calls, args.data, args.server_arg, args.server_cwd, args.saliency)
     result["machine"] = machine()
-    print(f"Classify p50 {result['classify_ms']['p50']:.2f} ms p99 {result['classify_ms']['p99']:.2f} ms; "
-          f"GradientProbe p50 {result['probe_ms']['p50']:.2f} ms p99 {result['probe_ms']['p99']:.2f} ms; "
-          f"p50 ratio {result['p50_ratio']:.2f} (target <= 3); loadavg {loadavg()}")
+    print(
+        f"Classify p50 {result['classify_ms']['p50']:.2f} ms p99 {result['classify_ms']['p99']:.2f} ms; "
+        f"GradientProbe p50 {result['probe_ms']['p50']:.2f} ms p99 {result['probe_ms']['p99']:.2f} ms; "
+        f"p50 ratio {result['p50_ratio']:.2f} (target <= 3); loadavg {loadavg()}"
+    )
     write_json(args.json, result)
     return result
 

@@ -35,16 +35,46 @@ from pathlib import Path
 from bench.common import DEFAULT_DATA, RESULTS, ROOT, export_model, loadavg, machine, progress, write_json
 from bitmoji.server.config import cpu_count
 
-STEPS = ("inprocess", "load_mlp", "load_mlp_workers", "torchserve", "load_cnn", "grpc_floor", "probe", "coldstart", "train_loop")
+STEPS = (
+    "inprocess",
+    "load_mlp",
+    "load_mlp_workers",
+    "torchserve",
+    "load_cnn",
+    "grpc_floor",
+    "probe",
+    "coldstart",
+    "train_loop",
+)
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
 
 
 def _settings(quick: bool) -> dict:
     if quick:
-        return dict(inproc_duration=0.5, inproc_warmup=0.2, load_duration=1.0, load_warmup=0.3, cnn_levels=(1, 32),
-                    probe_calls=20, coldstart_runs=1, breakdown=False, epochs=1, train_per_class=32)
-    return dict(inproc_duration=5.0, inproc_warmup=1.0, load_duration=8.0, load_warmup=2.0, cnn_levels=(1, 8, 32, 64),
-                probe_calls=300, coldstart_runs=3, breakdown=True, epochs=3, train_per_class=None)
+        return dict(
+            inproc_duration=0.5,
+            inproc_warmup=0.2,
+            load_duration=1.0,
+            load_warmup=0.3,
+            cnn_levels=(1, 32),
+            probe_calls=20,
+            coldstart_runs=1,
+            breakdown=False,
+            epochs=1,
+            train_per_class=32,
+        )
+    return dict(
+        inproc_duration=5.0,
+        inproc_warmup=1.0,
+        load_duration=8.0,
+        load_warmup=2.0,
+        cnn_levels=(1, 8, 32, 64),
+        probe_calls=300,
+        coldstart_runs=3,
+        breakdown=True,
+        epochs=3,
+        train_per_class=None,
+    )
 
 
 def subset(data: Path, per_class: int, dest: Path) -> Path:
@@ -64,8 +94,14 @@ def run_suite(*, quick: bool, data: Path, steps=STEPS, results: Path = RESULTS, 
     from bench.common import real_images
 
     s = _settings(quick)
-    out: dict = {"machine": machine(), "quick": quick, "started": dt.datetime.now().isoformat(timespec="seconds"),
-                 "data": str(data), "server_args": list(server_args), "commands": {}}
+    out: dict = {
+        "machine": machine(),
+        "quick": quick,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "data": str(data),
+        "server_args": list(server_args),
+        "commands": {},
+    }
     q = " --quick" if quick else ""
     sa = "".join(f" --server-arg={a}" for a in server_args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,45 +131,67 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
 
     if step == "inprocess":
         r = inprocess.run(mlp, images, duration=s["inproc_duration"], warmup=s["inproc_warmup"])
-        out["commands"][step] = f"python -m bench.inprocess --model mlp --duration {s['inproc_duration']:g} --warmup {s['inproc_warmup']:g}"
+        out["commands"][step] = (
+            f"python -m bench.inprocess --model mlp --duration {s['inproc_duration']:g} --warmup {s['inproc_warmup']:g}"
+        )
     elif step in LOAD_STEPS:
         arch = step.split("_")[1]
         levels = load.DEFAULT_LEVELS if arch == "mlp" else s["cnn_levels"]
         args = [*server_args, f"--workers={cpu_count()}"] if step.endswith("_workers") else list(server_args)
-        r = load.run(levels, model=mlp if arch == "mlp" else cnn, duration=s["load_duration"], warmup=s["load_warmup"],
-                     data=data, server_args=args)
-        out["commands"][step] = (f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "
-                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
-                                 + "".join(f" --server-arg={a}" for a in args))
+        r = load.run(
+            levels,
+            model=mlp if arch == "mlp" else cnn,
+            duration=s["load_duration"],
+            warmup=s["load_warmup"],
+            data=data,
+            server_args=args,
+        )
+        out["commands"][step] = (
+            f"python -m bench.load --model {arch} --concurrency {','.join(map(str, levels))} "
+            f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
+            + "".join(f" --server-arg={a}" for a in args)
+        )
     elif step == "torchserve":
         levels = s["cnn_levels"]  # the same levels: all four, or two in a quick run
-        r = torchserve.run(levels, model=mlp, duration=s["load_duration"], warmup=s["load_warmup"], data=data, server_args=server_args)
-        out["commands"][step] = (f"python -m bench.torchserve --concurrency {','.join(map(str, levels))} "
-                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}{sa}")
+        r = torchserve.run(
+            levels, model=mlp, duration=s["load_duration"], warmup=s["load_warmup"], data=data, server_args=server_args
+        )
+        out["commands"][step] = (
+            f"python -m bench.torchserve --concurrency {','.join(map(str, levels))} "
+            f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}{sa}"
+        )
     elif step == "grpc_floor":
         levels = (1, 32, 64)
         r = grpc_floor.run(levels, duration=s["load_duration"], warmup=s["load_warmup"], data=data)
-        out["commands"][step] = (f"python -m bench.grpc_floor --concurrency {','.join(map(str, levels))} "
-                                 f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}")
+        out["commands"][step] = (
+            f"python -m bench.grpc_floor --concurrency {','.join(map(str, levels))} "
+            f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
+        )
     elif step == "probe":
         r = probe.run(mlp, s["probe_calls"], data, server_args)
         out["commands"][step] = f"python -m bench.probe --model mlp --calls {s['probe_calls']}{sa}"
     elif step == "coldstart":
         r = coldstart.run(mlp, s["coldstart_runs"], with_breakdown=s["breakdown"])
-        out["commands"][step] = f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']}" + ("" if s["breakdown"] else " --no-breakdown")
+        out["commands"][step] = f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']}" + (
+            "" if s["breakdown"] else " --no-breakdown"
+        )
         workers = f"--workers={cpu_count()}"
         r["workers"] = coldstart.run(mlp, s["coldstart_runs"], with_breakdown=False, server_args=[workers])
-        out["commands"][step + "_workers"] = (f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']} --no-breakdown "
-                                              f"--server-arg={workers}")
+        out["commands"][step + "_workers"] = (
+            f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']} --no-breakdown --server-arg={workers}"
+        )
     elif step == "train_loop":
         if not (Path(data) / "train").is_dir():
             raise FileNotFoundError(f"train_loop needs the real data set ({data}/train)")
         train_data = subset(data, s["train_per_class"], Path(tmp) / "subset") if s["train_per_class"] else data
         r = train_loop.main(["--data", str(train_data), "--epochs", str(s["epochs"])])
         r["loadavg"] = loadavg()
-        r["data"] = str(data) + (f" (first {s['train_per_class']} images per class and split)" if s["train_per_class"] else "")
+        r["data"] = str(data) + (
+            f" (first {s['train_per_class']} images per class and split)" if s["train_per_class"] else ""
+        )
         out["commands"][step] = f"python -m bench.train_loop --data {data} --epochs {s['epochs']}" + (
-            f"  # on a {s['train_per_class']}-per-class subset" if s["train_per_class"] else "")
+            f"  # on a {s['train_per_class']}-per-class subset" if s["train_per_class"] else ""
+        )
     else:
         raise ValueError(f"unknown step {step!r}; choose from {STEPS}")
     out[step] = r
@@ -161,36 +219,63 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
             row = table.get(c)
             if row:
                 t = row["images_per_s"]
-                rows.append((f"MLP throughput, concurrency {c}{label}", f"{t:.0f} img/s", ">= 3000 img/s", _verdict(t >= 3000)))
+                rows.append(
+                    (f"MLP throughput, concurrency {c}{label}", f"{t:.0f} img/s", ">= 3000 img/s", _verdict(t >= 3000))
+                )
                 if ceiling:
-                    rows.append((f"... vs the in-process ceiling ({ceiling:.0f} img/s, same run)", f"{t / ceiling:.2f}x", ">= 0.8x",
-                                 _verdict(t / ceiling >= 0.8)))
+                    rows.append(
+                        (
+                            f"... vs the in-process ceiling ({ceiling:.0f} img/s, same run)",
+                            f"{t / ceiling:.2f}x",
+                            ">= 0.8x",
+                            _verdict(t / ceiling >= 0.8),
+                        )
+                    )
     ts = r.get("torchserve") or {}
     for row in ts.get("rows", []):
         if row["concurrency"] not in (32, 64):
             continue
-        for key, ratio, label in (("ours", "throughput_ratio", ""),
-                                  ("ours_workers", "workers_throughput_ratio", f", --workers {ts['torchserve_settings']['workers']}")):
+        for key, ratio, label in (
+            ("ours", "throughput_ratio", ""),
+            ("ours_workers", "workers_throughput_ratio", f", --workers {ts['torchserve_settings']['workers']}"),
+        ):
             if key in row:
                 t, o, x = row["torchserve"]["images_per_s"], row[key]["images_per_s"], row[ratio]
-                rows.append((f"... vs TorchServe {ts.get('torchserve_version', '')}, same run, concurrency {row['concurrency']}{label}",
-                             f"{x:.2f}x ({o:.0f} vs {t:.0f} img/s)", "> 1x (faster); >= 1.5x (the 3000 img/s target's premise)",
-                             f"{_verdict(x > 1)}; {_verdict(x >= 1.5)}"))
+                rows.append(
+                    (
+                        f"... vs TorchServe {ts.get('torchserve_version', '')}, same run, concurrency {row['concurrency']}{label}",
+                        f"{x:.2f}x ({o:.0f} vs {t:.0f} img/s)",
+                        "> 1x (faster); >= 1.5x (the 3000 img/s target's premise)",
+                        f"{_verdict(x > 1)}; {_verdict(x >= 1.5)}",
+                    )
+                )
     ceiling_cpu = (r.get("inprocess") or {}).get("ceiling_cpu_ms_per_image")
     for c in (32, 64):
         row = by_c.get(c)
         if row and ceiling_cpu and row.get("server_cpu_ms_per_image"):
             # the load-independent view: CPU per image in the server vs in the in-process loop (and the generator's share)
             per_image = row["server_cpu_ms_per_image"]
-            rows.append((f"... CPU per image, concurrency {c}: in-process / server (1 = as cheap as the ceiling)",
-                         f"{ceiling_cpu / per_image:.2f}x ({ceiling_cpu:.3f} / {per_image:.3f} ms)", ">= 0.8x", _verdict(ceiling_cpu / per_image >= 0.8)))
+            rows.append(
+                (
+                    f"... CPU per image, concurrency {c}: in-process / server (1 = as cheap as the ceiling)",
+                    f"{ceiling_cpu / per_image:.2f}x ({ceiling_cpu:.3f} / {per_image:.3f} ms)",
+                    ">= 0.8x",
+                    _verdict(ceiling_cpu / per_image >= 0.8),
+                )
+            )
     if 1 in by_c:
         p50 = by_c[1]["p50"]
         rows.append(("p50 latency, concurrency 1", f"{p50:.2f} ms", "<= 2 ms", _verdict(p50 <= 2)))
         wait = by_c[1].get("queue_wait_ms")
         if wait is not None:
-            rows.append(("lonely caller: mean queue wait in the server, concurrency 1", f"{wait:.3f} ms", "< 0.5 ms (no batching delay)",
-                         _verdict(wait < 0.5)))
+            rows.append(
+                (
+                    "lonely caller: mean queue wait in the server, concurrency 1",
+                    f"{wait:.3f} ms",
+                    "< 0.5 ms (no batching delay)",
+                    _verdict(wait < 0.5),
+                )
+            )
     for label, table in (("", by_c), (f", --workers {r['machine']['cores']}", workers)):
         if 32 in table:
             p99 = table[32]["p99"]
@@ -200,18 +285,38 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("GradientProbe p50 / Classify p50, one image", f"{ratio:.2f}x", "<= 3x", _verdict(ratio <= 3)))
     if r.get("train_loop"):
         sp = r["train_loop"]["speedup"]
-        rows.append((f"training loop speed-up vs the lecture's ({r['train_loop'].get('epochs', '?')} epochs, one-off decode included)",
-                     f"{sp:.2f}x", ">= 2x", _verdict(sp >= 2)))
+        rows.append(
+            (
+                f"training loop speed-up vs the lecture's ({r['train_loop'].get('epochs', '?')} epochs, one-off decode included)",
+                f"{sp:.2f}x",
+                ">= 2x",
+                _verdict(sp >= 2),
+            )
+        )
         per_epoch = r["train_loop"].get("speedup_per_epoch")
         if per_epoch:
-            rows.append(("... per epoch once decoded (what longer runs tend to)", f"{per_epoch:.2f}x", ">= 2x", _verdict(per_epoch >= 2)))
+            rows.append(
+                (
+                    "... per epoch once decoded (what longer runs tend to)",
+                    f"{per_epoch:.2f}x",
+                    ">= 2x",
+                    _verdict(per_epoch >= 2),
+                )
+            )
     if r.get("coldstart"):
         cs = r["coldstart"]["serving_s_median"]
         rows.append(("cold start to SERVING, MLP", f"{cs:.2f} s", "<= 5 s", _verdict(cs <= 5)))
         workers = r["coldstart"].get("workers")
         if workers:
             cw = workers["serving_s_median"]
-            rows.append((f"... with {' '.join(workers['server_args'])} (the first worker SERVING)", f"{cw:.2f} s", "<= 5 s", _verdict(cw <= 5)))
+            rows.append(
+                (
+                    f"... with {' '.join(workers['server_args'])} (the first worker SERVING)",
+                    f"{cw:.2f} s",
+                    "<= 5 s",
+                    _verdict(cw <= 5),
+                )
+            )
     return rows
 
 
@@ -220,7 +325,9 @@ def markdown(r: dict, plot: str | None) -> str:
     L = [
         "# Benchmarks",
         "",
-        "Written by `python -m bench.run_all" + (" --quick" if r["quick"] else "") + "` (issue 4). "
+        "Written by `python -m bench.run_all"
+        + (" --quick" if r["quick"] else "")
+        + "` (issue 4). "
         + ("**Quick run: tiny durations, the figures are smoke values, not measurements.** " if r["quick"] else "")
         + "Absolute figures belong to the machine below, at the load average shown beside each result: "
         "this is a small shared box, so compare ratios measured in the same run, not absolute numbers across runs.",
@@ -249,101 +356,174 @@ def markdown(r: dict, plot: str | None) -> str:
         L += ["", "Failed steps: " + "; ".join(f"{k}: {v}" for k, v in r["failed"].items())]
     ip = r.get("inprocess")
     if ip:
-        L += ["", "## In-process limit (no server)", "", f"`{r['commands']['inprocess']}`: MLP, batch {ip['batch']}, "
-              f"{ip['duration_s']:g} s per row.", "", "| measurement | img/s | wall ms per image | CPU ms per image | load average |",
-              "| --- | --- | --- | --- | --- |"]
+        L += [
+            "",
+            "## In-process limit (no server)",
+            "",
+            f"`{r['commands']['inprocess']}`: MLP, batch {ip['batch']}, {ip['duration_s']:g} s per row.",
+            "",
+            "| measurement | img/s | wall ms per image | CPU ms per image | load average |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, row in ip["rows"].items():
-            L.append(f"| {name} | {row['images_per_s']:.0f} | {1000 / row['images_per_s']:.3f} | {_fmt(row.get('cpu_ms_per_image'), '.3f')} "
-                     f"| {row.get('loadavg')} |")
+            L.append(
+                f"| {name} | {row['images_per_s']:.0f} | {1000 / row['images_per_s']:.3f} | {_fmt(row.get('cpu_ms_per_image'), '.3f')} "
+                f"| {row.get('loadavg')} |"
+            )
         L.append("")
-        L.append(f"The ceiling the server is held to (0.8x): **{ip['ceiling_images_per_s']:.0f} img/s** "
-                 f"(decode + forward in {ip['cores']} one-thread processes) at this load; from its CPU time per image, "
-                 f"{ip['cores']} idle cores would do about {_fmt(ip.get('ceiling_idle_estimate_images_per_s'), '.0f')} img/s.")
+        L.append(
+            f"The ceiling the server is held to (0.8x): **{ip['ceiling_images_per_s']:.0f} img/s** "
+            f"(decode + forward in {ip['cores']} one-thread processes) at this load; from its CPU time per image, "
+            f"{ip['cores']} idle cores would do about {_fmt(ip.get('ceiling_idle_estimate_images_per_s'), '.0f')} img/s."
+        )
     for step, name in LOAD_STEPS.items():
         title = "Server under load: " + name.format(cores=m["cores"])
         lr = r.get(step)
         if not lr:
             continue
-        L += ["", f"## {title}", "", f"`{r['commands'][step]}` (the generator runs in its own process(es); "
-              f"server ready after {_fmt(lr.get('server_ready_s'))} s).", "",
-              "| concurrency | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | decode ms | queue wait ms | forward ms/batch "
-              "| parse + serialise ms | server CPU (cores) | server CPU ms/img | generator CPU (cores) | load average |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            "",
+            f"## {title}",
+            "",
+            f"`{r['commands'][step]}` (the generator runs in its own process(es); "
+            f"server ready after {_fmt(lr.get('server_ready_s'))} s).",
+            "",
+            "| concurrency | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | decode ms | queue wait ms | forward ms/batch "
+            "| parse + serialise ms | server CPU (cores) | server CPU ms/img | generator CPU (cores) | load average |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in lr["rows"]:
-            L.append(f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p90'])} | {_fmt(row['p99'])} "
-                     f"| {row['error_count']} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('decode_ms'), '.3f')} "
-                     f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
-                     f"| {_codec_ms(row)} | {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
-                     f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |")
+            L.append(
+                f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p90'])} | {_fmt(row['p99'])} "
+                f"| {row['error_count']} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('decode_ms'), '.3f')} "
+                f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
+                f"| {_codec_ms(row)} | {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
+                f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |"
+            )
     ts = r.get("torchserve")
     if ts and ts.get("skipped"):
         L += ["", "## TorchServe side by side", "", f"Skipped: {ts['skipped']}."]
     elif ts:
         st = ts["torchserve_settings"]
-        L += ["", f"## TorchServe {ts['torchserve_version']} side by side", "",
-              f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
-              f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
-              f"(its handler calls `bitmoji.core.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
-              f"this server runs as one process (\"ours\") and with `--workers {st['workers']}` (as many processes as TorchServe's "
-              "workers); the servers take turns at each level, under the same generator.", "",
-              "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) | ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
-              f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) | --workers {st['workers']} / TorchServe |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            "",
+            f"## TorchServe {ts['torchserve_version']} side by side",
+            "",
+            f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
+            f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
+            f"(its handler calls `bitmoji.core.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
+            f'this server runs as one process ("ours") and with `--workers {st["workers"]}` (as many processes as TorchServe\'s '
+            "workers); the servers take turns at each level, under the same generator.",
+            "",
+            "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) | ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
+            f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) | --workers {st['workers']} / TorchServe |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in ts["rows"]:
             cells = [f"| {row['concurrency']} "]
-            for key, ratio in (("torchserve", None), ("ours", "throughput_ratio"), ("ours_workers", "workers_throughput_ratio")):
+            for key, ratio in (
+                ("torchserve", None),
+                ("ours", "throughput_ratio"),
+                ("ours_workers", "workers_throughput_ratio"),
+            ):
                 x = row.get(key)
                 if x is None:
                     cells.append("| | | | | ")
                     continue
-                cells.append(f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} | {_fmt(x.get('server_cpu_cores'))} ")
+                cells.append(
+                    f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} | {_fmt(x.get('server_cpu_cores'))} "
+                )
                 if ratio:
                     cells.append(f"| {row[ratio]:.2f}x ")
             L.append("".join(cells) + "|")
         L += ["", f"Load average at the end: {ts.get('loadavg')}."]
     gf = r.get("grpc_floor")
     if gf:
-        L += ["", "## The gRPC floor: a Classifier that does nothing", "", f"`{r['commands']['grpc_floor']}`: the same generator and "
-              "requests against a grpc.aio servicer that answers without decoding or running a model: the most one server "
-              "process can do, and the CPU per call that no model or decoder change removes.", "",
-              "| concurrency | calls/s | p50 ms | p99 ms | server CPU (cores) | server CPU ms/call | load average |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            "",
+            "## The gRPC floor: a Classifier that does nothing",
+            "",
+            f"`{r['commands']['grpc_floor']}`: the same generator and "
+            "requests against a grpc.aio servicer that answers without decoding or running a model: the most one server "
+            "process can do, and the CPU per call that no model or decoder change removes.",
+            "",
+            "| concurrency | calls/s | p50 ms | p99 ms | server CPU (cores) | server CPU ms/call | load average |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in gf["rows"]:
-            L.append(f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} "
-                     f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} | {row['loadavg']} |")
+            L.append(
+                f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} "
+                f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} | {row['loadavg']} |"
+            )
     pr = r.get("probe")
     if pr:
-        L += ["", "## GradientProbe vs Classify (one image, concurrency 1, interleaved)", "", f"`{r['commands']['probe']}`", "",
-              "| method | p50 ms | p90 ms | p99 ms |", "| --- | --- | --- | --- |",
-              f"| Classify | {_fmt(pr['classify_ms']['p50'])} | {_fmt(pr['classify_ms']['p90'])} | {_fmt(pr['classify_ms']['p99'])} |",
-              f"| GradientProbe | {_fmt(pr['probe_ms']['p50'])} | {_fmt(pr['probe_ms']['p90'])} | {_fmt(pr['probe_ms']['p99'])} |",
-              "", f"p50 ratio {pr['p50_ratio']:.2f} over {pr['calls']} calls each; load average {pr['loadavg']}."]
+        L += [
+            "",
+            "## GradientProbe vs Classify (one image, concurrency 1, interleaved)",
+            "",
+            f"`{r['commands']['probe']}`",
+            "",
+            "| method | p50 ms | p90 ms | p99 ms |",
+            "| --- | --- | --- | --- |",
+            f"| Classify | {_fmt(pr['classify_ms']['p50'])} | {_fmt(pr['classify_ms']['p90'])} | {_fmt(pr['classify_ms']['p99'])} |",
+            f"| GradientProbe | {_fmt(pr['probe_ms']['p50'])} | {_fmt(pr['probe_ms']['p90'])} | {_fmt(pr['probe_ms']['p99'])} |",
+            "",
+            f"p50 ratio {pr['p50_ratio']:.2f} over {pr['calls']} calls each; load average {pr['loadavg']}.",
+        ]
     cs = r.get("coldstart")
     if cs:
-        L += ["", "## Cold start (MLP)", "", f"`{r['commands']['coldstart']}`: process start to health SERVING, "
-              f"median **{cs['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in cs['runs']]}; load average {cs['loadavg']}."]
+        L += [
+            "",
+            "## Cold start (MLP)",
+            "",
+            f"`{r['commands']['coldstart']}`: process start to health SERVING, "
+            f"median **{cs['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in cs['runs']]}; load average {cs['loadavg']}.",
+        ]
         w = cs.get("workers")
         if w:
-            L += ["", f"`{r['commands']['coldstart_workers']}`: process start to the first worker's health SERVING, "
-                  f"median **{w['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in w['runs']]} "
-                  "(the supervisor imports no torch: the workers start at once); "
-                  f"load average {w['loadavg']}."]
+            L += [
+                "",
+                f"`{r['commands']['coldstart_workers']}`: process start to the first worker's health SERVING, "
+                f"median **{w['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in w['runs']]} "
+                "(the supervisor imports no torch: the workers start at once); "
+                f"load average {w['loadavg']}.",
+            ]
         b = cs.get("breakdown")
         if b:
-            L += ["", "| part (one fresh interpreter doing the start-up steps in turn; rest = SERVING minus the parts) | seconds |", "| --- | --- |"]
+            L += [
+                "",
+                "| part (one fresh interpreter doing the start-up steps in turn; rest = SERVING minus the parts) | seconds |",
+                "| --- | --- |",
+            ]
             for k, v in b.items():
                 if isinstance(v, float):
                     L.append(f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.2f} |")
-            L += ["", "Slowest modules (self time, `python -X importtime -c 'import bitmoji.server.main'`): "
-                  + ", ".join(f"{k} {v:.0f} ms" for k, v in list(b["importtime_self_top_ms"].items())[:8]) + "."]
+            L += [
+                "",
+                "Slowest modules (self time, `python -X importtime -c 'import bitmoji.server.main'`): "
+                + ", ".join(f"{k} {v:.0f} ms" for k, v in list(b["importtime_self_top_ms"].items())[:8])
+                + ".",
+            ]
     tl = r.get("train_loop")
     if tl:
-        L += ["", "## Training loop: the project's vs the lecture's (MLP, same data, batch size and seed)", "", f"`{r['commands']['train_loop']}`", "",
-              "| loop | seconds | images/s | valid accuracy |", "| --- | --- | --- | --- |"]
+        L += [
+            "",
+            "## Training loop: the project's vs the lecture's (MLP, same data, batch size and seed)",
+            "",
+            f"`{r['commands']['train_loop']}`",
+            "",
+            "| loop | seconds | images/s | valid accuracy |",
+            "| --- | --- | --- | --- |",
+        ]
         for row in tl["rows"]:
-            L.append(f"| {row['loop']} | {row['seconds']:.1f} | {row['images_per_s']:.0f} | {row['valid_accuracy']:.3f} |")
-        L += ["", f"Speed-up {tl['speedup']:.2f}x with the one-off decode, {_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
-              f"load average {tl.get('loadavg')}."]
+            L.append(
+                f"| {row['loop']} | {row['seconds']:.1f} | {row['images_per_s']:.0f} | {row['valid_accuracy']:.3f} |"
+            )
+        L += [
+            "",
+            f"Speed-up {tl['speedup']:.2f}x with the one-off decode, {_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
+            f"load average {tl.get('loadavg')}.",
+        ]
     if plot:
         L += ["", "## Throughput and p99 vs concurrency", "", f"![throughput and p99 vs concurrency]({plot})"]
     L += ["", "## Commands", "", "```", *(f"{c}" for c in r["commands"].values()), "```", ""]
@@ -365,11 +545,17 @@ def plot(r: dict, path: Path) -> Path | None:
     series = [(name.format(cores=r["machine"]["cores"]), r[k]["rows"]) for k, name in LOAD_STEPS.items() if r.get(k)]
     if (r.get("torchserve") or {}).get("rows"):
         rows = r["torchserve"]["rows"]
-        series += [("TorchServe (same run)", [{**row["torchserve"], "concurrency": row["concurrency"]} for row in rows]),
-                   ("MLP beside TorchServe (same run)", [{**row["ours"], "concurrency": row["concurrency"]} for row in rows])]
+        series += [
+            ("TorchServe (same run)", [{**row["torchserve"], "concurrency": row["concurrency"]} for row in rows]),
+            ("MLP beside TorchServe (same run)", [{**row["ours"], "concurrency": row["concurrency"]} for row in rows]),
+        ]
         if all("ours_workers" in row for row in rows):
-            series.append((f"MLP --workers {r['torchserve']['torchserve_settings']['workers']} beside TorchServe (same run)",
-                           [{**row["ours_workers"], "concurrency": row["concurrency"]} for row in rows]))
+            series.append(
+                (
+                    f"MLP --workers {r['torchserve']['torchserve_settings']['workers']} beside TorchServe (same run)",
+                    [{**row["ours_workers"], "concurrency": row["concurrency"]} for row in rows],
+                )
+            )
     if not series:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -390,7 +576,11 @@ def plot(r: dict, path: Path) -> Path | None:
         ax.legend(fontsize=8)
     ax2.set_yscale("log")
     m = r["machine"]
-    fig.suptitle(f"bitmoji-serve on {m['cpu']}, {m['cores']} cores, load avg {m['loadavg']}" + (" (quick run)" if r["quick"] else ""), fontsize=10)
+    fig.suptitle(
+        f"bitmoji-serve on {m['cpu']}, {m['cores']} cores, load avg {m['loadavg']}"
+        + (" (quick run)" if r["quick"] else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -399,15 +589,20 @@ def plot(r: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny durations: a smoke run of every benchmark")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="the real bitmoji set")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--results", default=str(RESULTS), help="directory for the JSON results and the plot")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="the report to write")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for every server started (repeat)")
-    p.add_argument("--reuse", action="store_true",
-                   help="for the steps not run now, put the results already in --results into the report (they say so)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="for the steps not run now, put the results already in --results into the report (they say so)",
+    )
     args = p.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = set(steps) - set(STEPS)

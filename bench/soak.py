@@ -105,7 +105,20 @@ class Server:
     """`python -m bitmoji.server` on a free loopback port; its log is kept, and lines with errors counted."""
 
     def __init__(self, model: Path, extra: list[str]):
-        cmd = [sys.executable, "-m", "bitmoji.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bitmoji.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()
@@ -144,8 +157,14 @@ async def soak(args, target: str, pid: int | None, images: list[bytes]) -> dict:
 
     requests = [pb.ClassifyRequest(inputs=[pb.Input(image=image)]).SerializeToString() for image in images]
     channels = [grpc.aio.insecure_channel(target) for _ in range(min(4, args.concurrency))]
-    calls = [c.unary_unary("/bitmoji.v1.Classifier/Classify", request_serializer=None, response_deserializer=pb.ClassifyResponse.FromString)
-             for c in channels]
+    calls = [
+        c.unary_unary(
+            "/bitmoji.v1.Classifier/Classify",
+            request_serializer=None,
+            response_deserializer=pb.ClassifyResponse.FromString,
+        )
+        for c in channels
+    ]
     errors: Counter = Counter()
     latencies: list[float] = []
     done = 0
@@ -183,30 +202,49 @@ async def soak(args, target: str, pid: int | None, images: list[bytes]) -> dict:
             window = latencies[:]
             latencies.clear()
             row = {
-                "t_s": round(elapsed, 1), "calls": done, "rate_per_s": round((done - last_done) / max(now - last_t, 1e-9), 1),
-                "errors": dict(errors), "p50_ms": round(percentile(window, 0.5) * 1e3, 2), "p99_ms": round(percentile(window, 0.99) * 1e3, 2),
+                "t_s": round(elapsed, 1),
+                "calls": done,
+                "rate_per_s": round((done - last_done) / max(now - last_t, 1e-9), 1),
+                "errors": dict(errors),
+                "p50_ms": round(percentile(window, 0.5) * 1e3, 2),
+                "p99_ms": round(percentile(window, 0.99) * 1e3, 2),
                 "rss_mib": None if rss is None else round(rss, 1),
             }
             report.append(row)
             base = rss_samples[0][1] if rss_samples else None
-            rss_text = "n/a" if rss is None else f"{rss:.1f} MiB" + (f" ({rss - base:+.1f} since warm-up)" if base is not None else " (warm-up)")
-            print(f"[{elapsed:6.1f}s] calls {done} ({row['rate_per_s']:.0f}/s)  errors {sum(errors.values())}"
-                  f"  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  server RSS {rss_text}", flush=True)
+            rss_text = (
+                "n/a"
+                if rss is None
+                else f"{rss:.1f} MiB" + (f" ({rss - base:+.1f} since warm-up)" if base is not None else " (warm-up)")
+            )
+            print(
+                f"[{elapsed:6.1f}s] calls {done} ({row['rate_per_s']:.0f}/s)  errors {sum(errors.values())}"
+                f"  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  server RSS {rss_text}",
+                flush=True,
+            )
             last_done, last_t = done, now
             if now >= end:
                 return
 
     try:
-        await asyncio.wait_for(asyncio.gather(reporter(), *(caller(i) for i in range(args.concurrency))), args.duration + args.timeout + 30)
+        await asyncio.wait_for(
+            asyncio.gather(reporter(), *(caller(i) for i in range(args.concurrency))), args.duration + args.timeout + 30
+        )
     finally:
         for channel in channels:
             await channel.close()
     growth = rss_samples[-1][1] - rss_samples[0][1] if len(rss_samples) > 1 else None
     return {
-        "target": target, "duration_s": args.duration, "concurrency": args.concurrency, "calls": done,
-        "errors": dict(errors), "error_count": sum(errors.values()),
-        "rss_start_mib": rss_samples[0][1] if rss_samples else None, "rss_end_mib": rss_samples[-1][1] if rss_samples else None,
-        "rss_growth_mib": growth, "rss_slope_mib_per_min": round(slope_per_minute(rss_samples), 3) if rss_samples else None,
+        "target": target,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "calls": done,
+        "errors": dict(errors),
+        "error_count": sum(errors.values()),
+        "rss_start_mib": rss_samples[0][1] if rss_samples else None,
+        "rss_end_mib": rss_samples[-1][1] if rss_samples else None,
+        "rss_growth_mib": growth,
+        "rss_slope_mib_per_min": round(slope_per_minute(rss_samples), 3) if rss_samples else None,
         "intervals": report,
     }
 
@@ -219,10 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=300.0, help="seconds of load (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent callers (default %(default)s)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between progress lines (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds before RSS growth is measured (default %(default)s)")
+    p.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds before RSS growth is measured (default %(default)s)"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds (default %(default)s)")
-    p.add_argument("--images", type=Path, help="a folder of PNG/JPEG images to send (default: 16 synthetic 128x128 PNGs)")
-    p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server started here (repeatable)")
+    p.add_argument(
+        "--images", type=Path, help="a folder of PNG/JPEG images to send (default: 16 synthetic 128x128 PNGs)"
+    )
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra flag for the server started here (repeatable)"
+    )
     p.add_argument("--max-rss-growth-mib", type=float, help="fail when RSS grew more than this after the warm-up")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -239,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or export_default_model(Path(tmp))
             server = Server(model, args.server_arg)
             target, pid = server.target, server.proc.pid
-        print(f"soak: {args.concurrency} callers for {args.duration:g} s against {target}"
-              f"{f' (server pid {pid})' if pid else ''}; progress every {args.interval:g} s", flush=True)
+        print(
+            f"soak: {args.concurrency} callers for {args.duration:g} s against {target}"
+            f"{f' (server pid {pid})' if pid else ''}; progress every {args.interval:g} s",
+            flush=True,
+        )
         try:
             result = asyncio.run(soak(args, target, pid, images))
         finally:
@@ -250,11 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     ok = result["error_count"] == 0 and exit_code in (None, 0) and not result["server_error_lines"]
     if args.max_rss_growth_mib is not None and (result["rss_growth_mib"] or 0) > args.max_rss_growth_mib:
         ok = False
-    growth = "n/a" if result["rss_growth_mib"] is None else (
-        f"{result['rss_start_mib']:.1f} -> {result['rss_end_mib']:.1f} MiB ({result['rss_growth_mib']:+.1f} MiB, "
-        f"{result['rss_slope_mib_per_min']:+.2f} MiB/min)")
-    print(f"soak: {result['calls']} calls, {result['error_count']} errors {result['errors'] or ''}; server RSS after warm-up {growth}; "
-          f"server exit {exit_code if exit_code is not None else 'n/a'}; {'PASS' if ok else 'FAIL'}", flush=True)
+    growth = (
+        "n/a"
+        if result["rss_growth_mib"] is None
+        else (
+            f"{result['rss_start_mib']:.1f} -> {result['rss_end_mib']:.1f} MiB ({result['rss_growth_mib']:+.1f} MiB, "
+            f"{result['rss_slope_mib_per_min']:+.2f} MiB/min)"
+        )
+    )
+    print(
+        f"soak: {result['calls']} calls, {result['error_count']} errors {result['errors'] or ''}; server RSS after warm-up {growth}; "
+        f"server exit {exit_code if exit_code is not None else 'n/a'}; {'PASS' if ok else 'FAIL'}",
+        flush=True,
+    )
     for line in result["server_error_lines"]:
         print(f"soak: server: {line.rstrip()}", flush=True)
     if args.json:

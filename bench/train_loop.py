@@ -50,7 +50,12 @@ def lecture_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
     with torch.no_grad():
         for x, y in valid_loader:
             correct += int(((model(x).squeeze(1) > 0).long() == y).sum())
-    return {"loop": "lecture (decode every epoch)", "seconds": seconds, "images_per_s": epochs * len(train) / seconds, "valid_accuracy": correct / len(valid)}
+    return {
+        "loop": "lecture (decode every epoch)",
+        "seconds": seconds,
+        "images_per_s": epochs * len(train) / seconds,
+        "valid_accuracy": correct / len(valid),
+    }
 
 
 def project_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
@@ -61,7 +66,9 @@ def project_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
     decode_seconds = time.perf_counter() - start
     model = BitmojiClassifier()
     criterion = nn.BCEWithLogitsLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as bitmoji.trainer.train: the same Adam, one kernel
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=1e-4, fused=True
+    )  # as bitmoji.trainer.train: the same Adam, one kernel
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
@@ -74,7 +81,13 @@ def project_loop(data: str, epochs: int, batch_size: int, seed: int) -> dict:
             optimizer.step()
     seconds = time.perf_counter() - start
     _, accuracy = evaluate(model, valid, torch.device("cpu"))
-    return {"loop": "project (decode once)", "seconds": seconds, "decode_seconds": decode_seconds, "images_per_s": epochs * len(train) / seconds, "valid_accuracy": accuracy}
+    return {
+        "loop": "project (decode once)",
+        "seconds": seconds,
+        "decode_seconds": decode_seconds,
+        "images_per_s": epochs * len(train) / seconds,
+        "valid_accuracy": accuracy,
+    }
 
 
 def main(argv=None) -> dict:
@@ -93,9 +106,17 @@ def main(argv=None) -> dict:
     speedup = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     # the one-off decode is paid once per run: over more epochs the speed-up tends to this
     per_epoch = rows[0]["seconds"] / (rows[1]["seconds"] - rows[1]["decode_seconds"])
-    print(f"speed-up of the project's loop: {speedup:.2f}x with its one-off decode, {per_epoch:.2f}x per epoch once decoded "
-          f"(valid accuracy {rows[0]['valid_accuracy']:.3f} vs {rows[1]['valid_accuracy']:.3f})")
-    result = {"rows": rows, "speedup": speedup, "speedup_per_epoch": per_epoch, "epochs": args.epochs, "batch_size": args.batch_size}
+    print(
+        f"speed-up of the project's loop: {speedup:.2f}x with its one-off decode, {per_epoch:.2f}x per epoch once decoded "
+        f"(valid accuracy {rows[0]['valid_accuracy']:.3f} vs {rows[1]['valid_accuracy']:.3f})"
+    )
+    result = {
+        "rows": rows,
+        "speedup": speedup,
+        "speedup_per_epoch": per_epoch,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

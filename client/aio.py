@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bitmoji.client import channel, convert, results
@@ -17,6 +15,8 @@ from bitmoji.client.client import HEALTH_POLL_SECONDS, STILL_STARTING, health_st
 from bitmoji.client.errors import BitmojiError
 from bitmoji.client.results import ModelInfo, Prediction, ProbeResult
 from bitmoji.client.retry import acall_with_retries
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc
 
 
 class AsyncBitmojiClient:
@@ -67,7 +67,7 @@ class AsyncBitmojiClient:
     def __repr__(self) -> str:
         return f"AsyncBitmojiClient({self.target!r}, timeout={self.timeout}, retries={self.retries})"
 
-    async def __aenter__(self) -> "AsyncBitmojiClient":
+    async def __aenter__(self) -> AsyncBitmojiClient:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -158,4 +158,6 @@ class AsyncBitmojiClient:
                     raise BitmojiError.from_rpc_error(error, "Check") from error
                 last = error.code().name
             await asyncio.sleep(min(HEALTH_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
-        raise BitmojiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:g} s (last: {last})", "Check")
+        raise BitmojiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:g} s (last: {last})", "Check"
+        )

@@ -24,7 +24,9 @@ CLASSIFY_CHUNK = 64  # files per call: well under the server's per-call cap, and
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]], float_format: str = ".4f") -> str:
     """Columns padded to their widest cell; numbers right-aligned."""
-    cells = [list(header)] + [[format(c, float_format) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [list(header)] + [
+        [format(c, float_format) if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     numeric = [bool(rows) and all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(header))]
     lines = []
@@ -54,7 +56,9 @@ def run_classify(client: BitmojiClient, args) -> int:
         return 0
     rows = [(f, p.label, p.probability, p.logit) for f, p in zip(args.images, predictions)]
     print(table(("file", "label", "probability", "logit"), rows))
-    print(f"model version: {', '.join(dict.fromkeys(p.model_version for p in predictions))}")  # two if it reloaded meanwhile
+    print(
+        f"model version: {', '.join(dict.fromkeys(p.model_version for p in predictions))}"
+    )  # two if it reloaded meanwhile
     return 0
 
 
@@ -68,19 +72,31 @@ def run_probe(client: BitmojiClient, args) -> int:
             return 1
         Path(args.saliency).write_bytes(result.saliency_pngs[0])
     if args.json:
-        print(json.dumps({
-            "loss": result.loss,
-            "outputs": result.outputs.reshape(-1).tolist(),
-            "parameters": {n: {"shape": list(g.shape), "norm": g.norm, "max_abs": g.max_abs, "mean_abs": g.mean_abs}
-                           for n, g in result.parameters.items()},
-            "saliency": args.saliency,
-            "model_version": result.model_version,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "loss": result.loss,
+                    "outputs": result.outputs.reshape(-1).tolist(),
+                    "parameters": {
+                        n: {"shape": list(g.shape), "norm": g.norm, "max_abs": g.max_abs, "mean_abs": g.mean_abs}
+                        for n, g in result.parameters.items()
+                    },
+                    "saliency": args.saliency,
+                    "model_version": result.model_version,
+                },
+                indent=2,
+            )
+        )
         return 0
     outputs = ", ".join(f"{v:.4f}" for v in result.outputs.reshape(-1).tolist())
     print(f"loss ({args.loss}, target {target:g}): {result.loss:.6f}   output: {outputs}")
-    rows = [(n, "x".join(map(str, g.shape)) or "scalar", g.norm, g.max_abs, g.mean_abs) for n, g in result.parameters.items()]
-    print(table(("parameter", "shape", "grad norm", "max abs", "mean abs"), rows, float_format=".3e"))  # gradients span decades
+    rows = [
+        (n, "x".join(map(str, g.shape)) or "scalar", g.norm, g.max_abs, g.mean_abs)
+        for n, g in result.parameters.items()
+    ]
+    print(
+        table(("parameter", "shape", "grad norm", "max abs", "mean abs"), rows, float_format=".3e")
+    )  # gradients span decades
     if args.saliency is not None:
         print(f"saliency map written to {args.saliency}")
     print(f"model version: {result.model_version}")
@@ -90,7 +106,11 @@ def run_probe(client: BitmojiClient, args) -> int:
 def run_info(client: BitmojiClient, args) -> int:
     info = client.model_info()
     if args.json:
-        print(json.dumps(vars(info) | {"class_names": list(info.class_names), "input_shape": list(info.input_shape)}, indent=2))
+        print(
+            json.dumps(
+                vars(info) | {"class_names": list(info.class_names), "input_shape": list(info.input_shape)}, indent=2
+            )
+        )
         return 0
     fields = [
         ("model version", info.model_version),
@@ -126,9 +146,17 @@ def parser() -> argparse.ArgumentParser:
         description="Talk to a bitmoji classifier server over gRPC.",
         epilog="A bearer token for servers that want one is read from the environment variable BITMOJI_TOKEN.",
     )
-    p.add_argument("--target", default=os.environ.get("BITMOJI_TARGET", DEFAULT_TARGET),
-                   help="host:port, or dns:///name:port (env BITMOJI_TARGET; default %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds, retries included (default %(default)s)")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("BITMOJI_TARGET", DEFAULT_TARGET),
+        help="host:port, or dns:///name:port (env BITMOJI_TARGET; default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="deadline of each call in seconds, retries included (default %(default)s)",
+    )
     p.add_argument("--tls", action="store_true", help="use TLS (system root certificates unless --ca-file)")
     p.add_argument("--ca-file", type=Path, help="PEM root certificates to trust (implies --tls)")
     p.add_argument("--cert", type=Path, help="PEM client certificate chain for mutual TLS (with --key; implies --tls)")
@@ -164,16 +192,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--cert and --key go together")
         certificate_chain = args.cert.read_bytes() if args.cert else None
         private_key = args.key.read_bytes() if args.key else None
-        with BitmojiClient(args.target, timeout=args.timeout, tls=args.tls or certificate_chain is not None,
-                           root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain,
-                           token=os.environ.get("BITMOJI_TOKEN") or None) as client:
+        with BitmojiClient(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls or certificate_chain is not None,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=os.environ.get("BITMOJI_TOKEN") or None,
+        ) as client:
             return args.run(client, args)
     except BitmojiError as error:
-        print(f"{PROG}: {args.command} failed: {error.code.name}: {error.details} (target {args.target})", file=sys.stderr)
+        print(
+            f"{PROG}: {args.command} failed: {error.code.name}: {error.details} (target {args.target})", file=sys.stderr
+        )
     except BrokenPipeError:  # the reader went away (`| head`): nothing to say, and nowhere to say it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except OSError as error:
-        print(f"{PROG}: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
+        print(
+            f"{PROG}: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}", file=sys.stderr
+        )
     except (ValueError, TypeError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -7,14 +7,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bitmoji.client import channel, convert, results
 from bitmoji.client.errors import BitmojiError
 from bitmoji.client.results import ModelInfo, Prediction, ProbeResult
 from bitmoji.client.retry import call_with_retries
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc
 
 HEALTH_POLL_SECONDS = 0.1
 # While a server starts: not reachable yet, or its health service does not know the name yet.
@@ -84,7 +84,7 @@ class BitmojiClient:
     def __repr__(self) -> str:
         return f"BitmojiClient({self.target!r}, timeout={self.timeout}, retries={self.retries})"
 
-    def __enter__(self) -> "BitmojiClient":
+    def __enter__(self) -> BitmojiClient:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -151,7 +151,7 @@ class BitmojiClient:
         return results.model_info_from(response)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (a name the server does not know) or "UNKNOWN".
+        """ "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (a name the server does not know) or "UNKNOWN".
         `service` is "" for the whole server or "bitmoji.v1.Classifier"."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
@@ -180,5 +180,6 @@ class BitmojiClient:
                     raise BitmojiError.from_rpc_error(error, "Check") from error
                 last = error.code().name
             time.sleep(min(HEALTH_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
-        raise BitmojiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:g} s (last: {last})", "Check")
-
+        raise BitmojiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:g} s (last: {last})", "Check"
+        )

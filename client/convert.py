@@ -48,7 +48,18 @@ def _is_pil_image(item: Any) -> bool:
 
 def _is_single_item(item: Any) -> bool:
     return isinstance(
-        item, (str, os.PathLike, bytes, bytearray, memoryview, pb.Input, pb.Tensor, _numpy_array_type(), _torch_tensor_type())
+        item,
+        (
+            str,
+            os.PathLike,
+            bytes,
+            bytearray,
+            memoryview,
+            pb.Input,
+            pb.Tensor,
+            _numpy_array_type(),
+            _torch_tensor_type(),
+        ),
     ) or _is_pil_image(item)
 
 
@@ -82,7 +93,9 @@ def to_torch(tensor: pb.Tensor):
     for size in shape:
         count *= size
     if len(tensor.data) != count * dtype.itemsize:
-        raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}")
+        raise ValueError(
+            f"tensor of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}"
+        )
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)  # little-endian hosts only, as torch

@@ -22,7 +22,7 @@ class BitmojiError(Exception):
         super().__init__(f"{code.name}: {details}")
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError, method: str) -> "BitmojiError":
+    def from_rpc_error(cls, error: grpc.RpcError, method: str) -> BitmojiError:
         code = error.code() if hasattr(error, "code") else None
         details = error.details() if hasattr(error, "details") else None
         return cls(code or grpc.StatusCode.UNKNOWN, details or str(error), method)

@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitmoji.v1 import classifier_pb2 as pb
-
 from bitmoji.client.convert import to_torch
+from bitmoji.v1 import classifier_pb2 as pb
 
 
 @dataclass(frozen=True)

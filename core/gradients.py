@@ -100,7 +100,9 @@ class ProbeResult:
     input_gradient: torch.Tensor  # d loss / d input, the input's shape
 
 
-def gradient_probe(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "bce") -> ProbeResult:
+def gradient_probe(
+    module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "bce"
+) -> ProbeResult:
     """One forward and backward pass; `targets` has one value per output element (mean-reduced loss)."""
     if loss not in LOSSES:
         raise ProbeError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
@@ -109,7 +111,9 @@ def gradient_probe(module: torch.nn.Module, inputs: torch.Tensor, targets: torch
     with torch.enable_grad():
         outputs = module(x)
         if targets.numel() != outputs.numel():
-            raise ProbeError(f"got {targets.numel()} targets for {outputs.numel()} outputs (one target per output value)")
+            raise ProbeError(
+                f"got {targets.numel()} targets for {outputs.numel()} outputs (one target per output value)"
+            )
         targets = targets.to(dtype=outputs.dtype, device=outputs.device).reshape(outputs.shape)
         if not torch.isfinite(targets).all():
             raise ProbeError("targets must be finite")

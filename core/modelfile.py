@@ -102,7 +102,9 @@ def _atomic_save(scripted: torch.jit.ScriptModule, path: Path, metadata: dict) -
             os.unlink(tmp)
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike, metadata: dict, example: torch.Tensor, atol: float = 1e-5) -> Path:
+def export_torchscript(
+    model: nn.Module, path: str | os.PathLike, metadata: dict, example: torch.Tensor, atol: float = 1e-5
+) -> Path:
     """Script `model`, check the copy against the eager model, and save it with `metadata`.
 
     The module stays unfrozen (frozen modules fold parameters into constants and
@@ -121,7 +123,9 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, metadata: dict
         again = loaded.module(example)
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=0):
         path.unlink()
-        raise ModelFileError(f"exported model disagrees with the eager model (max diff {float((got - expected).abs().max()):.3g} > {atol})")
+        raise ModelFileError(
+            f"exported model disagrees with the eager model (max diff {float((got - expected).abs().max()):.3g} > {atol})"
+        )
     if not torch.equal(got, again):
         path.unlink()
         raise ModelFileError("exported model is not deterministic in eval mode (is dropout still on?)")
@@ -134,7 +138,9 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.jit.Scrip
         with quiet_torchscript():
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a loadable TorchScript file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelFileError(
+            f"{path}: not a loadable TorchScript file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     raw = extra[METADATA_FILE]
     try:
         metadata = json.loads(raw) if raw else {}
@@ -165,6 +171,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     version = metadata.get("model_version") or f"sha256-{sha[:12]}"
     return LoadedModel(module=module, metadata=metadata, version=version, path=str(path), sha256=sha, device=device)
 
+
 def build_metadata(
     *,
     architecture: str,
@@ -178,7 +185,7 @@ def build_metadata(
     """Everything a server (or a person) needs to know about the model, with nothing else at hand."""
     if positive_class not in class_names:
         raise ValueError(f"positive class {positive_class!r} is not one of {class_names}")
-    created = dt.datetime.now(dt.timezone.utc)
+    created = dt.datetime.now(dt.UTC)
     return {
         "format_version": FORMAT_VERSION,
         "model_version": f"{architecture}-{created:%Y%m%dT%H%M%SZ}-{state_fingerprint(model)}",

@@ -49,7 +49,9 @@ _FAST_FORMATS = {"JPEG", "WEBP", "GIF"}
 # on every call. They are still the fastest GIL-free decoders we have; hide that
 # one message, once, here (a filter per call would race between decode threads).
 warnings.filterwarnings(
-    "ignore", message=r"The image decoding and encoding capabilities of TorchVision are deprecated", category=DeprecationWarning
+    "ignore",
+    message=r"The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
 )
 
 
@@ -113,7 +115,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.
             if fmt in _FAST_FORMATS:
                 try:
                     tvio = _torchvision_io()
-                    tensor = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+                    tensor = tvio.decode_image(
+                        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
+                    )
                     if tensor.dtype == torch.uint8 and tensor.dim() == 3 and tensor.shape[0] == 3:
                         return tensor
                 except RuntimeError:
@@ -129,10 +133,14 @@ def resize(image: torch.Tensor, size: tuple[int, int] = IMAGE_SIZE) -> torch.Ten
         return image
     # torchvision's F.resize does exactly this for uint8 CPU tensors (tests/test_data.py checks they
     # are equal); calling torch directly keeps torchvision off the path of PNGs of odd sizes.
-    return torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return torch.nn.functional.interpolate(
+        image[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False
+    )[0]
 
 
-def load_image(data: bytes, *, size: tuple[int, int] = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def load_image(
+    data: bytes, *, size: tuple[int, int] = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """Encoded bytes -> uint8 [3, *size]: what the trainer stores and the server batches."""
     return resize(decode_image(data, max_pixels=max_pixels), size)
 

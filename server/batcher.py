@@ -36,18 +36,20 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from bitmoji.core.preprocess import to_model_input
 from bitmoji.server import metrics as m
 from bitmoji.server.inputs import InputError, InputSpec
 from bitmoji.server.model import ServedModel, error_summary
-from bitmoji.core.preprocess import to_model_input
 
 log = logging.getLogger("bitmoji-serve")
 
-Decode = Callable[[object, int, InputSpec], torch.Tensor]  # (raw item, its index in the call, the model's spec) -> tensor
+Decode = Callable[
+    [object, int, InputSpec], torch.Tensor
+]  # (raw item, its index in the call, the model's spec) -> tensor
 
 
 class QueueFull(Exception):
@@ -107,8 +109,18 @@ def build_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Batcher:
-    def __init__(self, model: ServedModel, *, decode: Decode, max_batch_size: int, max_delay_s: float, max_queue: int,
-                 metrics: m.Metrics, threads: int = 1, torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        decode: Decode,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        metrics: m.Metrics,
+        threads: int = 1,
+        torch_threads: int | None = None,
+    ):
         self._model = model
         self._torch_threads = torch_threads  # set on each model thread: see `_serve`
         self._decode = decode
@@ -122,7 +134,9 @@ class Batcher:
         self._answering = threading.Lock()  # a call's items may finish on two threads at once
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._threads = [threading.Thread(target=self._serve, name=f"bitmoji-model-{i}", daemon=True) for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"bitmoji-model-{i}", daemon=True) for i in range(threads)
+        ]
 
     # -- the model ------------------------------------------------------------
 
@@ -245,7 +259,9 @@ class Batcher:
             self._fail(expired, DeadlineExpired("the deadline passed before the items reached the model"))
         groups = self._decode_all(live, model)
         for group in groups.values():
-            group = [(item, tensor) for item, tensor in group if not item.call.finished]  # a batch-mate failed to decode
+            group = [
+                (item, tensor) for item, tensor in group if not item.call.finished
+            ]  # a batch-mate failed to decode
             if group:
                 self._forward(model, group)
 
@@ -265,7 +281,9 @@ class Batcher:
                 continue
             except Exception as exc:
                 log.exception("decoding inputs[%d] failed", item.index)
-                self._fail([item.call], BatchFailed(f"internal error decoding inputs[{item.index}]: {type(exc).__name__}"))
+                self._fail(
+                    [item.call], BatchFailed(f"internal error decoding inputs[{item.index}]: {type(exc).__name__}")
+                )
                 continue
             observe(time.perf_counter() - t0)
             groups.setdefault(tuple(tensor.shape), []).append((item, tensor))
@@ -278,7 +296,12 @@ class Batcher:
             results = model.predict(build_batch([tensor for _item, tensor in group]))
         except Exception as exc:
             reason = error_summary(exc)
-            log.error("forward pass failed on a batch of %d items of shape %s: %s", len(group), list(group[0][1].shape), reason)
+            log.error(
+                "forward pass failed on a batch of %d items of shape %s: %s",
+                len(group),
+                list(group[0][1].shape),
+                reason,
+            )
             self._fail([item.call for item, _tensor in group], BatchFailed(f"model forward failed: {reason}"))
             return
         metrics.forward_duration.observe(time.monotonic() - start)

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     interpreter teardown takes seconds and has nothing left to clean up, and
     a rolling restart should not wait for it. Embed `bitmoji.server.main.serve()` instead.
     """
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload request must not end a starting server
+    signal.signal(
+        signal.SIGHUP, signal.SIG_IGN
+    )  # until serve() handles it: a reload request must not end a starting server
     config = parse_config(argv)
     configure_logging(config.log_level)
     code = 0
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             code = 1
     else:
-        from bitmoji.server.main import serve
         from bitmoji.core.device import DeviceError
         from bitmoji.core.modelfile import ModelFileError
+        from bitmoji.server.main import serve
 
         # Pillow warns about odd bytes in callers' images (corrupt EXIF...): the caller's problem, answered with a
         # status; as log lines they would let anyone flood the log.

@@ -48,7 +48,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message limit, both directions
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked on the header
     workers: int = 1  # server processes sharing the port (see bitmoji.server.workers)
-    cores: int | None = None  # cores the thread defaults are sized to; None = the CPU affinity mask (see resolved_cores)
+    cores: int | None = (
+        None  # cores the thread defaults are sized to; None = the CPU affinity mask (see resolved_cores)
+    )
     decode_workers: int | None = None  # model threads (decode + forward); None = one per core
     torch_threads: int | None = None  # None = half the cores on CPU, 1 with CUDA (see main.default_torch_threads)
     optimize: str = "auto"  # Classify's forward on a frozen, optimized copy: auto (when faster) | on | off (see ServedModel.optimized)
@@ -68,7 +70,15 @@ class ServerConfig:
     warmup_delay_s: float = 0.0  # test-only: stay NOT_SERVING this much longer
 
     def __post_init__(self):
-        positive = ("workers", "max_batch_size", "max_queue", "max_items_per_call", "max_probe_inputs", "max_message_bytes", "max_image_pixels")
+        positive = (
+            "workers",
+            "max_batch_size",
+            "max_queue",
+            "max_items_per_call",
+            "max_probe_inputs",
+            "max_message_bytes",
+            "max_image_pixels",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -88,7 +98,9 @@ class ServerConfig:
         # A call must be able to fit in the queue at all: otherwise it would get
         # RESOURCE_EXHAUSTED forever, which a client would retry forever.
         if self.max_queue < self.max_items_per_call:
-            raise ValueError(f"--max-queue ({self.max_queue}) must be at least --max-items-per-call ({self.max_items_per_call})")
+            raise ValueError(
+                f"--max-queue ({self.max_queue}) must be at least --max-items-per-call ({self.max_items_per_call})"
+            )
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
         if not self.model_name or not self.model_name.isprintable() or any(c.isspace() for c in self.model_name):
@@ -162,12 +174,18 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
         # reported like a bad flag.
         value = environ.get(env, default)
         parser.add_argument(
-            f"--{name}", type=type_, default=value, dest=dest,
-            help=argparse.SUPPRESS if hidden else f"{help_} [env {env}; default {default}]", **kwargs,
+            f"--{name}",
+            type=type_,
+            default=value,
+            dest=dest,
+            help=argparse.SUPPRESS if hidden else f"{help_} [env {env}; default {default}]",
+            **kwargs,
         )
 
     parser.add_argument(
-        "--model", default=environ.get(ENV_PREFIX + "MODEL"), required=ENV_PREFIX + "MODEL" not in environ,
+        "--model",
+        default=environ.get(ENV_PREFIX + "MODEL"),
+        required=ENV_PREFIX + "MODEL" not in environ,
         help=f"the TorchScript model file to serve (a TorchScript file is code: serve only files you trust) [env {ENV_PREFIX}MODEL]",
     )
     flag("model-name", str, "the model's name in the Open Inference Protocol (KServe V2) service")
@@ -183,17 +201,43 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("max-probe-inputs", int, "most inputs in one GradientProbe request")
     flag("max-message-bytes", int, "largest gRPC message, received or sent")
     flag("max-image-pixels", int, "largest image (width x height) to decode; checked before decoding")
-    flag("workers", int, "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
-         "each gets its share of the cores")
-    flag("cores", int, "cores to size the thread defaults to, e.g. a container's CPU limit (default: the CPU affinity mask)")
-    flag("decode-workers", int, "model threads: each decodes a batch of queued items and runs its forward pass (default: one per core)")
+    flag(
+        "workers",
+        int,
+        "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
+        "each gets its share of the cores",
+    )
+    flag(
+        "cores",
+        int,
+        "cores to size the thread defaults to, e.g. a container's CPU limit (default: the CPU affinity mask)",
+    )
+    flag(
+        "decode-workers",
+        int,
+        "model threads: each decodes a batch of queued items and runs its forward pass (default: one per core)",
+    )
     flag("torch-threads", int, "torch intra-op threads (default: half the cores on CPU, 1 with CUDA)")
-    flag("optimize", str, "auto, on or off: run Classify on a frozen copy passed through torch.jit.optimize_for_inference "
-         "(checked to give the same logits); auto times both at start-up and keeps the faster (CPU only)",
-         choices=OPTIMIZE_MODES)
-    flag("input-shape", _shape, "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)")
-    flag("disable-gradient-probe", _bool, "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",
-         default=False, nargs="?", const=True)
+    flag(
+        "optimize",
+        str,
+        "auto, on or off: run Classify on a frozen copy passed through torch.jit.optimize_for_inference "
+        "(checked to give the same logits); auto times both at start-up and keeps the faster (CPU only)",
+        choices=OPTIMIZE_MODES,
+    )
+    flag(
+        "input-shape",
+        _shape,
+        "item shape, e.g. 1 or 3,128,128, for models whose file declares none (warm-up, validation)",
+    )
+    flag(
+        "disable-gradient-probe",
+        _bool,
+        "answer GradientProbe with UNIMPLEMENTED (it reveals the model's internals)",
+        default=False,
+        nargs="?",
+        const=True,
+    )
     flag("grace-period-s", float, "on SIGTERM/SIGINT, how long accepted calls may take to finish")
     flag("reload-poll-s", float, "also reload the model when its file changes, checked this often (0: SIGHUP only)")
     flag("tls-cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key)")
@@ -213,7 +257,15 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> ServerCon
     parser = build_parser(environ)
     args = vars(parser.parse_args(argv))
     args["gradient_probe"] = not args.pop("disable_gradient_probe")
-    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token", "auth_token_file", "probe_token", "probe_token_file"):
+    for name in (
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "auth_token",
+        "auth_token_file",
+        "probe_token",
+        "probe_token_file",
+    ):
         args[name] = args[name] or None  # an empty environment variable means unset
     try:
         return ServerConfig(**args)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.core.preprocess import ImageError, load_image
+from bitmoji.v1 import classifier_pb2 as pb
 
 # Tensors are built straight on the request's immutable bytes, without a copy;
 # they are only read (stacked into a new batch), so the warning does not apply.
@@ -51,7 +51,9 @@ def decode_input(item: pb.Input, index: int, spec: InputSpec) -> torch.Tensor:
     kind = item.WhichOneof("kind")
     if kind == "image":
         if spec.image_size is None:
-            raise InputError(f"inputs[{index}]: this model takes no images (its file declares no image preprocessing); send a raw tensor")
+            raise InputError(
+                f"inputs[{index}]: this model takes no images (its file declares no image preprocessing); send a raw tensor"
+            )
         try:
             return load_image(item.image, size=spec.image_size, max_pixels=spec.max_pixels)
         except ImageError as exc:
@@ -68,9 +70,13 @@ def _decode_tensor(tensor: pb.Tensor, index: int, expected: tuple[int, ...] | No
         raise InputError(f"inputs[{index}]: unsupported tensor dtype {name}; use FLOAT32, FLOAT64, FLOAT16 or UINT8")
     shape = tuple(tensor.shape)
     if len(shape) > MAX_RANK or any(d < 1 for d in shape):
-        raise InputError(f"inputs[{index}]: bad tensor shape {list(shape)}: dimensions must be positive, at most {MAX_RANK} of them")
+        raise InputError(
+            f"inputs[{index}]: bad tensor shape {list(shape)}: dimensions must be positive, at most {MAX_RANK} of them"
+        )
     if expected is not None and shape != expected:
-        raise InputError(f"inputs[{index}]: tensor shape {list(shape)} does not match the model's input shape {list(expected)}")
+        raise InputError(
+            f"inputs[{index}]: tensor shape {list(shape)} does not match the model's input shape {list(expected)}"
+        )
     needed = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != needed:
         raise InputError(

@@ -43,13 +43,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.inference import grpc_service_pb2 as kpb
 from bitmoji.inference import grpc_service_pb2_grpc as kpb_grpc
 from bitmoji.server.inputs import MAX_RANK, InputError
 from bitmoji.server.model import ServedModel
 from bitmoji.server.serialization import add_timed
 from bitmoji.server.service import ClassifierService, ServiceError, observed
+from bitmoji.v1 import classifier_pb2 as pb
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MODEL_NAME = "bitmoji"
@@ -110,7 +110,7 @@ def split_bytes(raw: bytes, what: str) -> list[bytes]:
         offset += 4
         if offset + length > end:
             raise invalid(f"{what}: raw BYTES element {len(out)} says {length} bytes; only {end - offset} are left")
-        out.append(raw[offset:offset + length])
+        out.append(raw[offset : offset + length])
         offset += length
     return out
 
@@ -127,7 +127,9 @@ async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> 
     """A ModelInfer request -> Classify's `Input` items (one per batch row), checked against the signature."""
     signature = input_tensors(model)
     if len(request.inputs) != 1:
-        raise invalid(f"send exactly one input tensor (got {len(request.inputs)}); the model takes one of: {_describe(signature)}")
+        raise invalid(
+            f"send exactly one input tensor (got {len(request.inputs)}); the model takes one of: {_describe(signature)}"
+        )
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input tensors")
@@ -138,7 +140,9 @@ async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> 
         raise invalid(f"unknown input {name!r}; the model takes one of: {_describe(signature)}")
     want_type, want_shape = expected[name]
     if datatype != want_type:
-        raise invalid(f"input {name!r}: datatype {datatype or '(empty)'} is not supported; send {want_type} {want_shape}")
+        raise invalid(
+            f"input {name!r}: datatype {datatype or '(empty)'} is not supported; send {want_type} {want_shape}"
+        )
     if raw and tensor.HasField("contents"):
         raise invalid(f"input {name!r}: set contents or raw_input_contents, not both")
     if datatype == BYTES:
@@ -149,7 +153,9 @@ async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> 
 def _decode_bytes(tensor, raw: bytes | None, want_shape: list[int]) -> list[pb.Input]:
     name, shape = tensor.name, list(tensor.shape)
     if len(shape) not in (1, 2) or shape[0] < 1 or (len(shape) == 2 and shape[1] != 1):
-        raise invalid(f"input {name!r}: shape {shape} does not match {want_shape}: send [N] (or [N, 1]) encoded images, N >= 1")
+        raise invalid(
+            f"input {name!r}: shape {shape} does not match {want_shape}: send [N] (or [N, 1]) encoded images, N >= 1"
+        )
     elements = split_bytes(raw, f"input {name!r}") if raw is not None else list(tensor.contents.bytes_contents)
     if len(elements) != shape[0]:
         raise invalid(f"input {name!r}: shape {shape} says {shape[0]} elements; the contents hold {len(elements)}")
@@ -163,18 +169,26 @@ async def _decode_fp32(tensor, raw: bytes | None, model: ServedModel, want_shape
         if len(shape) != len(want_shape) or shape[0] < 1 or tuple(shape[1:]) != tuple(item):
             raise invalid(f"input {name!r}: shape {shape} does not match {want_shape} (the batch size N >= 1 first)")
     elif len(shape) < 2 or len(shape) > MAX_RANK + 1 or min(shape) < 1:
-        raise invalid(f"input {name!r}: shape {shape}: send [N, ...item dimensions], all positive, at most {MAX_RANK} item dimensions")
+        raise invalid(
+            f"input {name!r}: shape {shape}: send [N, ...item dimensions], all positive, at most {MAX_RANK} item dimensions"
+        )
     n, per_item = shape[0], math.prod(shape[1:])
     if raw is None:
         count = len(tensor.contents.fp32_contents)
         if count != n * per_item:
-            raise invalid(f"input {name!r}: contents.fp32_contents has {count} values; shape {shape} needs {n * per_item}")
-        raw = await asyncio.to_thread(_fp32_bytes, tensor.contents.fp32_contents)  # a big repeated field is slow to convert
+            raise invalid(
+                f"input {name!r}: contents.fp32_contents has {count} values; shape {shape} needs {n * per_item}"
+            )
+        raw = await asyncio.to_thread(
+            _fp32_bytes, tensor.contents.fp32_contents
+        )  # a big repeated field is slow to convert
     elif len(raw) != n * per_item * 4:
-        raise invalid(f"input {name!r}: raw_input_contents has {len(raw)} bytes; shape {shape} of FP32 needs {n * per_item * 4}")
+        raise invalid(
+            f"input {name!r}: raw_input_contents has {len(raw)} bytes; shape {shape} of FP32 needs {n * per_item * 4}"
+        )
     size, item_shape = per_item * 4, shape[1:]
     return [
-        pb.Input(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=item_shape, data=raw[i * size:(i + 1) * size]))
+        pb.Input(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=item_shape, data=raw[i * size : (i + 1) * size]))
         for i in range(n)
     ]
 
@@ -244,10 +258,13 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         """The served model, if the request names it (and its current version, or none)."""
         model = self._service.model
         if name != self.model_name:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {self.model_name!r}")
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {self.model_name!r}"
+            )
         if version and version != model.version:
             raise ServiceError(
-                grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r}; it serves version {model.version!r}"
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} has no version {version!r}; it serves version {model.version!r}",
             )
         return model
 
@@ -273,7 +290,9 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.name, request.version)
         TensorMetadata = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
-            name=self.model_name, versions=[model.version], platform=PLATFORM,
+            name=self.model_name,
+            versions=[model.version],
+            platform=PLATFORM,
             inputs=[TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in input_tensors(model)],
             outputs=[TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in output_tensors(model)],
         )
@@ -292,7 +311,9 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def add_to_server(server, service: ClassifierService, health_servicer, *, serialization, model_name: str = DEFAULT_MODEL_NAME) -> str:
+def add_to_server(
+    server, service: ClassifierService, health_servicer, *, serialization, model_name: str = DEFAULT_MODEL_NAME
+) -> str:
     """Serve `inference.GRPCInferenceService` on `server`; returns its full name (for health and reflection).
 
     `serialization`: a histogram (labels method, direction) that times each message's parse and serialisation.

@@ -22,18 +22,18 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
+from bitmoji.core.device import resolve_device
+from bitmoji.core.modelfile import ModelFileError, load_model
 from bitmoji.server.batcher import Batcher
 from bitmoji.server.config import ServerConfig, address, cpu_count
 from bitmoji.server.inputs import decode_input
 from bitmoji.server.metrics import Metrics
-from bitmoji.core.device import resolve_device
 from bitmoji.server.model import ServedModel, error_summary
 from bitmoji.server.reload import ModelReloader
 from bitmoji.server.security import TokenAuthInterceptor, describe, server_credentials, tokens
 from bitmoji.server.serialization import add_timed
 from bitmoji.server.service import SERVICE_NAME, ClassifierService
-from bitmoji.core.modelfile import ModelFileError, load_model
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -73,13 +73,18 @@ async def serve(config: ServerConfig) -> None:
     credentials = server_credentials(config)
     auth_token, probe_token = tokens(config)
     if auth_token and credentials is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("a bearer token without TLS on %s: tokens cross the network in clear text (add --tls-cert/--tls-key)", config.host)
+        log.warning(
+            "a bearer token without TLS on %s: tokens cross the network in clear text (add --tls-cert/--tls-key)",
+            config.host,
+        )
     device = resolve_device(config.device)
     threads = config.torch_threads or default_torch_threads(device, cores=config.resolved_cores)
     torch.set_num_threads(threads)
     # torch keeps MKL's thread count per thread, and a new thread's GEMMs use every core: every thread that
     # runs the model (loading, --optimize's timing, warm-up, reload, probes, the model threads) starts with this.
-    loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="bitmoji", initializer=torch.set_num_threads, initargs=(threads,)))
+    loop.set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="bitmoji", initializer=torch.set_num_threads, initargs=(threads,))
+    )
     loaded = await asyncio.to_thread(load_model, config.model, device)
     model = ServedModel.create(loaded, max_pixels=config.max_image_pixels, input_shape=config.input_shape)
 
@@ -87,31 +92,46 @@ async def serve(config: ServerConfig) -> None:
     metrics.torch_threads.set(threads)
     metrics.set_model(model.version, str(device), loaded.metadata.get("architecture", "") or "")
     batcher = Batcher(
-        model, decode=decode_input, max_batch_size=config.max_batch_size, max_delay_s=config.max_batch_delay_s,
-        max_queue=config.max_queue, metrics=metrics, threads=config.resolved_decode_workers, torch_threads=threads,
+        model,
+        decode=decode_input,
+        max_batch_size=config.max_batch_size,
+        max_delay_s=config.max_batch_delay_s,
+        max_queue=config.max_queue,
+        metrics=metrics,
+        threads=config.resolved_decode_workers,
+        torch_threads=threads,
     )
     # A probe's forward and backward are memory-bound passes over the weights and their gradients: its one thread
     # gets all of this process's cores (the setting is per thread; the model threads keep theirs).
     probe_threads = max(threads, config.resolved_decode_workers) if device.type == "cpu" else threads
-    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="bitmoji-probe", initializer=torch.set_num_threads, initargs=(probe_threads,))
+    probe_pool = ThreadPoolExecutor(
+        1, thread_name_prefix="bitmoji-probe", initializer=torch.set_num_threads, initargs=(probe_threads,)
+    )
     service = ClassifierService(config, batcher, metrics, probe_pool=probe_pool, torch_threads=threads)
     reloader = ModelReloader(config, service, metrics)
     if early_hup:
         reloader.request("SIGHUP")
 
     interceptors = [TokenAuthInterceptor(auth_token, probe_token, metrics)] if auth_token or probe_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
     add_timed(pb_grpc.add_ClassifierServicer_to_server, service, server, metrics.serialization_duration)
     health_servicer = health.aio.HealthServicer()
     # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships the
     # same `inference.*` protobuf messages, and a process that imports bitmoji.server.main (a test) may load tritonclient.
     from bitmoji.server import kserve
 
-    services = (SERVICE_NAME, kserve.add_to_server(server, service, health_servicer, model_name=config.model_name,
-                                                  serialization=metrics.serialization_duration))
+    services = (
+        SERVICE_NAME,
+        kserve.add_to_server(
+            server, service, health_servicer, model_name=config.model_name, serialization=metrics.serialization_duration
+        ),
+    )
     for name in ("", *services):
         await health_servicer.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -147,11 +167,19 @@ async def serve(config: ServerConfig) -> None:
                 await health_servicer.set(name, SERVING)
             reloader.start()
             metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
-            reload_mode = f"SIGHUP or file change (every {config.reload_poll_s:g} s)" if config.reload_poll_s else "SIGHUP"
+            reload_mode = (
+                f"SIGHUP or file change (every {config.reload_poll_s:g} s)" if config.reload_poll_s else "SIGHUP"
+            )
             log.info(
                 "ready on %s (model %s, device %s, torch threads %d, warmed batch sizes %s, metrics %s, %s, reload on %s)",
-                address(config.host, port), model.version, device, threads, sizes or "none", metrics_url,
-                describe(config, auth_token, probe_token), reload_mode,
+                address(config.host, port),
+                model.version,
+                device,
+                threads,
+                sizes or "none",
+                metrics_url,
+                describe(config, auth_token, probe_token),
+                reload_mode,
             )
             await stopped
     finally:
@@ -164,8 +192,11 @@ async def serve(config: ServerConfig) -> None:
         # not race the GOAWAY onto the closing connection (where gRPC may answer CANCELLED: 1 run in ~16 on a busy box).
         await asyncio.sleep(GOAWAY_FLUSH_S)
         await health_servicer.enter_graceful_shutdown()
-        log.info("stopping: health NOT_SERVING, new calls refused, draining %d accepted calls (grace period %g s)",
-                 service.active, config.grace_period_s)
+        log.info(
+            "stopping: health NOT_SERVING, new calls refused, draining %d accepted calls (grace period %g s)",
+            service.active,
+            config.grace_period_s,
+        )
         drained = await service.drain(config.grace_period_s)
         # Watch streams learn NOT_SERVING on their next loop turn; a moment lets that reach the wire
         # before the cancel below, or a load balancer watching health only sees the connection drop.
@@ -178,7 +209,12 @@ async def serve(config: ServerConfig) -> None:
             await asyncio.to_thread(httpd.shutdown)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        log.info("stopped%s", "" if drained else f" (calls still running after the {config.grace_period_s:g} s grace period were cancelled)")
+        log.info(
+            "stopped%s",
+            ""
+            if drained
+            else f" (calls still running after the {config.grace_period_s:g} s grace period were cancelled)",
+        )
 
 
 async def _warm_up(model: ServedModel, config: ServerConfig) -> tuple[ServedModel, list[int], str]:

@@ -30,50 +30,77 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("bitmoji_requests", "RPCs finished, by method and gRPC status code name.", ["method", "code"], registry=r)
+        self.requests = Counter(
+            "bitmoji_requests", "RPCs finished, by method and gRPC status code name.", ["method", "code"], registry=r
+        )
         self.request_duration = Histogram(
-            "bitmoji_request_duration_seconds", "Time from an RPC's start to its answer, by method.", ["method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bitmoji_request_duration_seconds",
+            "Time from an RPC's start to its answer, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inflight = Gauge(
-            "bitmoji_inflight_requests", "RPCs being handled now (health and reflection excluded).",
-            multiprocess_mode="livesum", registry=r,
+            "bitmoji_inflight_requests",
+            "RPCs being handled now (health and reflection excluded).",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.preprocess_duration = Histogram(
-            "bitmoji_preprocess_duration_seconds", "Time to decode and preprocess one item (image decode + resize, or tensor checks).",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bitmoji_preprocess_duration_seconds",
+            "Time to decode and preprocess one item (image decode + resize, or tensor checks).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "bitmoji_queue_wait_seconds", "Time an item waited in the batch queue, from its call's arrival to its batch starting (decode comes after).",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bitmoji_queue_wait_seconds",
+            "Time an item waited in the batch queue, from its call's arrival to its batch starting (decode comes after).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.forward_duration = Histogram(
-            "bitmoji_forward_duration_seconds", "Time of one batched forward pass, including the copies to and from the device.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bitmoji_forward_duration_seconds",
+            "Time of one batched forward pass, including the copies to and from the device.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.serialization_duration = Histogram(
             "bitmoji_serialization_duration_seconds",
             "Protobuf parse of one request (direction=request) or serialisation of one response (direction=response), by method.",
-            ["method", "direction"], buckets=LATENCY_BUCKETS, registry=r,
+            ["method", "direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.batch_size = Histogram("bitmoji_batch_size", "Items in each executed model batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "bitmoji_batch_size", "Items in each executed model batch.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge(
-            "bitmoji_queue_depth", "Items accepted and not yet taken into a model batch.",
-            multiprocess_mode="livesum", registry=r,
+            "bitmoji_queue_depth",
+            "Items accepted and not yet taken into a model batch.",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.items = Counter("bitmoji_items", "Items run through the model by Classify and StreamClassify.", registry=r)
         self.items_dropped = Counter(
-            "bitmoji_items_dropped", "Accepted items dropped before the model, by reason (cancelled, deadline, failed).", ["reason"], registry=r,
+            "bitmoji_items_dropped",
+            "Accepted items dropped before the model, by reason (cancelled, deadline, failed).",
+            ["reason"],
+            registry=r,
         )
         self.probes = Counter("bitmoji_probes", "GradientProbe computations run, by loss.", ["loss"], registry=r)
         self.model_info = Gauge(
-            "bitmoji_model_info", "The model being served: 1 for its version, device and architecture (0 for one replaced).",
-            ["version", "device", "architecture"], multiprocess_mode="livemax", registry=r,
+            "bitmoji_model_info",
+            "The model being served: 1 for its version, device and architecture (0 for one replaced).",
+            ["version", "device", "architecture"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self._model_labels: tuple[str, str, str] | None = None
         self.torch_threads = Gauge(
-            "bitmoji_torch_threads", "torch intra-op threads of the model (summed over the workers).",
-            multiprocess_mode="livesum", registry=r,
+            "bitmoji_torch_threads",
+            "torch intra-op threads of the model (summed over the workers).",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         for reason in (DROP_CANCELLED, DROP_DEADLINE, DROP_FAILED):
             self.items_dropped.labels(reason)  # export zeros, so rate() works from the start

@@ -13,11 +13,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bitmoji.server.config import OPTIMIZE_MODES
-from bitmoji.server.inputs import InputSpec
 from bitmoji.core.modelfile import LoadedModel, ModelFileError, optimize_for_inference
 from bitmoji.core.preprocess import PREPROCESSING, to_model_input
-
+from bitmoji.server.config import OPTIMIZE_MODES
+from bitmoji.server.inputs import InputSpec
 
 OPTIMIZED_TOLERANCE = 1e-4  # |logit difference| (absolute and relative) the optimized copy may show
 AUTO_MIN_GAIN = 0.9  # auto: the optimized copy must take at most 0.9x the time at the largest batch...
@@ -34,11 +33,11 @@ def error_summary(exc: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    line = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
+    line = (
+        lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
+    )
     line = line.removeprefix("builtins.")
     return (line if ":" in line else f"{type(exc).__name__}: {line}")[:limit]
-
-
 
 
 def _image_size(metadata: dict, shape: tuple[int, ...] | None) -> tuple[int, int] | None:
@@ -65,7 +64,9 @@ class ServedModel:
     forward_module: torch.jit.ScriptModule | None = None  # what Classify runs, if not `loaded.module` (see `optimized`)
 
     @classmethod
-    def create(cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None) -> "ServedModel":
+    def create(
+        cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None
+    ) -> ServedModel:
         """Wrap a loaded file; `input_shape` is used only when the file declares none."""
         declared = loaded.input_shape
         shape = tuple(declared) if declared else input_shape
@@ -119,7 +120,9 @@ class ServedModel:
         """
         if self.spec.shape is None:
             return []
-        sizes = sorted({*(1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size), max_batch_size})
+        sizes = sorted(
+            {*(1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size), max_batch_size}
+        )
         dtype = torch.uint8 if self.spec.image_size else torch.float32
         for size in sizes:
             self.predict(torch.zeros((size, *self.spec.shape), dtype=dtype))
@@ -127,7 +130,7 @@ class ServedModel:
             torch.cuda.synchronize(self.device)
         return sizes
 
-    def optimized(self, max_batch_size: int, mode: str = "auto") -> tuple["ServedModel", str]:
+    def optimized(self, max_batch_size: int, mode: str = "auto") -> tuple[ServedModel, str]:
         """This model with Classify's forward pass run by a frozen, optimized copy when that pays; and why.
 
         GradientProbe keeps the module as loaded (a frozen copy has no parameters to take gradients of).
@@ -148,8 +151,11 @@ class ServedModel:
             return self, f"as loaded (could not optimize: {error_summary(exc, 120)})"
         batch_size = min(max_batch_size, CHECK_BATCH_CAP)
         generator, shape = torch.Generator().manual_seed(0), (batch_size, *self.spec.shape)
-        big = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if self.spec.image_size
-               else torch.rand(shape, generator=generator))
+        big = (
+            torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+            if self.spec.image_size
+            else torch.rand(shape, generator=generator)
+        )
         want = torch.tensor([logit for logit, _p in self.predict(big)])  # a model that fails here fails its warm-up
         try:
             got = torch.tensor([logit for logit, _p in candidate.predict(big)])
@@ -161,11 +167,15 @@ class ServedModel:
         if mode == "on":
             return candidate, f"optimized (--optimize on; logits within {difference:.1g})"
         # the check above already ran both modules at the full batch: only batch 1 needs a first, untimed call
-        times = {name: [_median_time(model.predict, big[:1]), _median_time(model.predict, big, warm=False)]
-                 for name, model in (("loaded", self), ("optimized", candidate))}
+        times = {
+            name: [_median_time(model.predict, big[:1]), _median_time(model.predict, big, warm=False)]
+            for name, model in (("loaded", self), ("optimized", candidate))
+        }
         (one, full), (opt_one, opt_full) = times["loaded"], times["optimized"]
-        summary = (f"batch {batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
-                   f"batch 1: {1000 * opt_one:.2f} vs {1000 * one:.2f} ms")
+        summary = (
+            f"batch {batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
+            f"batch 1: {1000 * opt_one:.2f} vs {1000 * one:.2f} ms"
+        )
         if opt_full <= AUTO_MIN_GAIN * full and opt_one <= AUTO_MAX_LOSS * one:
             return candidate, f"optimized ({summary}; logits within {difference:.1g})"
         return self, f"as loaded (optimized copy not faster: {summary})"

@@ -29,9 +29,9 @@ import time
 import torch
 from prometheus_client import Counter
 
+from bitmoji.core.modelfile import ModelFileError, load_model
 from bitmoji.server.config import ServerConfig
 from bitmoji.server.model import ServedModel, error_summary
-from bitmoji.core.modelfile import ModelFileError, load_model
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -55,7 +55,9 @@ def file_stamp(path: str) -> tuple[int, int, int] | None:
 def check_compatible(old: ServedModel, new: ServedModel) -> None:
     """The new model must take the same inputs and name the same classes as the one it replaces."""
     if new.spec.shape != old.spec.shape:
-        raise ReloadRefused(f"input shape {_shape(new.spec.shape)} differs from the served model's {_shape(old.spec.shape)}")
+        raise ReloadRefused(
+            f"input shape {_shape(new.spec.shape)} differs from the served model's {_shape(old.spec.shape)}"
+        )
     if new.spec.image_size != old.spec.image_size:
         raise ReloadRefused(f"image size {new.spec.image_size} differs from the served model's {old.spec.image_size}")
     if (new.loaded.class_names or []) != (old.loaded.class_names or []) or new.positive_label != old.positive_label:
@@ -91,8 +93,10 @@ class ModelReloader:
         self._tasks: set[asyncio.Task] = set()
         self._stamp = file_stamp(config.model)
         self.reloads = Counter(
-            "bitmoji_model_reloads", "Model hot reloads, by result (ok: swapped in; failed: refused, the old model serves on).",
-            ["result"], registry=metrics.registry,
+            "bitmoji_model_reloads",
+            "Model hot reloads, by result (ok: swapped in; failed: refused, the old model serves on).",
+            ["result"],
+            registry=metrics.registry,
         )
         for result in (RESULT_OK, RESULT_FAILED):
             self.reloads.labels(result)
@@ -163,11 +167,18 @@ class ModelReloader:
             finally:
                 self._stamp = stamp if stamp is not None else self._stamp
             if new is None:
-                log.info("model reload (%s): %s is unchanged (same SHA-256); still serving %s", trigger, self._config.model, old.version)
+                log.info(
+                    "model reload (%s): %s is unchanged (same SHA-256); still serving %s",
+                    trigger,
+                    self._config.model,
+                    old.version,
+                )
                 return True
             self._service.swap_model(new)
             self.reloads.labels(RESULT_OK).inc()
-            log.info("model reloaded (%s): %s -> %s in %.2f s", trigger, old.version, new.version, time.monotonic() - started)
+            log.info(
+                "model reloaded (%s): %s -> %s in %.2f s", trigger, old.version, new.version, time.monotonic() - started
+            )
             return True
 
     def _prepare(self, old: ServedModel) -> ServedModel | None:

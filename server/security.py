@@ -73,7 +73,9 @@ def _token(value: str | None, path: str | None, flag: str) -> str | None:
 
 def tokens(config: ServerConfig) -> tuple[str | None, str | None]:
     """(auth token, probe token) from the flags, environment or token files."""
-    return _token(config.auth_token, config.auth_token_file, "--auth-token"), _token(config.probe_token, config.probe_token_file, "--probe-token")
+    return _token(config.auth_token, config.auth_token_file, "--auth-token"), _token(
+        config.probe_token, config.probe_token_file, "--probe-token"
+    )
 
 
 def describe(config: ServerConfig, auth_token: str | None, probe_token: str | None) -> str:

@@ -20,15 +20,15 @@ from concurrent.futures import Executor
 import grpc
 import torch
 
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
+from bitmoji.core.gradients import ProbeError, gradient_probe
 from bitmoji.server.batcher import Batcher, BatchFailed, DeadlineExpired, QueueFull, ShuttingDown, build_batch
 from bitmoji.server.config import ServerConfig
 from bitmoji.server.inputs import InputError, decode_input, tensor_to_proto
 from bitmoji.server.metrics import Metrics
 from bitmoji.server.model import ServedModel, error_summary
 from bitmoji.server.saliency import saliency_png
-from bitmoji.core.gradients import ProbeError, gradient_probe
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bitmoji-serve")
 
@@ -74,7 +74,7 @@ def observed(method: str):
 
     def decorate(handler):
         @functools.wraps(handler)
-        async def wrapper(self: "ClassifierService", request, context):
+        async def wrapper(self: ClassifierService, request, context):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             self.begin_call()
@@ -98,7 +98,11 @@ def _cancel_code(context) -> grpc.StatusCode:
     # The client's deadline timer fires a little before the server's copy of it (which started when the call
     # arrived: 4 ms later on a busy box), so the client's cancel comes first: that close to the deadline, it is one.
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_SLACK_S else grpc.StatusCode.CANCELLED
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if remaining is not None and remaining <= DEADLINE_SLACK_S
+        else grpc.StatusCode.CANCELLED
+    )
 
 
 def _drain(queue: asyncio.Queue) -> list:
@@ -118,7 +122,9 @@ def _discard(task: asyncio.Future) -> None:
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics, *, probe_pool: Executor, torch_threads: int):
+    def __init__(
+        self, config: ServerConfig, batcher: Batcher, metrics: Metrics, *, probe_pool: Executor, torch_threads: int
+    ):
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
@@ -204,7 +210,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         positive, negative = model.positive_label, model.negative_label
         Prediction = pb.Prediction
         return pb.ClassifyResponse(
-            predictions=[Prediction(label=positive if p >= 0.5 else negative, probability=p, logit=z) for z, p in results],
+            predictions=[
+                Prediction(label=positive if p >= 0.5 else negative, probability=p, logit=z) for z, p in results
+            ],
             model_version=model.version,
         )
 
@@ -234,13 +242,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if not self._config.gradient_probe:
             # UNIMPLEMENTED: "not implemented or not supported/enabled in this service" (gRPC's status
             # definitions); clients must not retry it, and it says nothing about the caller's rights.
-            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "GradientProbe is disabled on this server (--disable-gradient-probe)")
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED, "GradientProbe is disabled on this server (--disable-gradient-probe)"
+            )
         n = len(request.inputs)
         if n == 0:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "empty request: send at least one input")
         if n > self._config.max_probe_inputs:
             raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"too many inputs: {n}; at most {self._config.max_probe_inputs} per probe"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"too many inputs: {n}; at most {self._config.max_probe_inputs} per probe",
             )
         model = self._batcher.model
         loss = self._loss(request.loss, model)
@@ -253,7 +264,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if model.loaded.class_names:
                 return "bce"
             raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT, "loss unspecified and the model has no class names: set LOSS_BCE or LOSS_MSE"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "loss unspecified and the model has no class names: set LOSS_BCE or LOSS_MSE",
             )
         if value not in LOSSES:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown loss {value}; use LOSS_BCE or LOSS_MSE")
@@ -277,7 +289,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         values = request.include_values
         parameters = [
             pb.ParameterGradient(
-                name=p.name, shape=list(p.gradient.shape), norm=p.norm, max_abs=p.max_abs, mean_abs=p.mean_abs,
+                name=p.name,
+                shape=list(p.gradient.shape),
+                norm=p.norm,
+                max_abs=p.max_abs,
+                mean_abs=p.mean_abs,
                 values=tensor_to_proto(p.gradient) if values else None,
             )
             for p in result.parameters
@@ -289,8 +305,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 png = saliency_png(x[i], gradient)
             input_gradients.append(pb.InputGradient(gradient=tensor_to_proto(gradient), saliency_png=png))
         return pb.GradientProbeResponse(
-            loss=result.loss, outputs=tensor_to_proto(result.outputs), parameters=parameters,
-            input_gradients=input_gradients, model_version=model.version,
+            loss=result.loss,
+            outputs=tensor_to_proto(result.outputs),
+            parameters=parameters,
+            input_gradients=input_gradients,
+            model_version=model.version,
         )
 
     # -- GetModelInfo ---------------------------------------------------------

@@ -71,13 +71,26 @@ class Supervisor:
         # argparse keeps the last of a repeated flag: these override the user's (--torch-threads and
         # --decode-workers, when given, stay as they are: per worker)
         return [
-            sys.executable, "-m", "bitmoji.server", *self.argv, "--workers", "1", "--port", str(self.port),
-            "--metrics-port", "0", "--cores", str(worker_cores(self.config)),
+            sys.executable,
+            "-m",
+            "bitmoji.server",
+            *self.argv,
+            "--workers",
+            "1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            "0",
+            "--cores",
+            str(worker_cores(self.config)),
         ]
 
     async def start(self, index: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *self.command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         self.procs[index] = proc
         asyncio.ensure_future(self._watch(index, proc))
@@ -88,8 +101,11 @@ class Supervisor:
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            sys.stderr.write(f"{line.replace('bitmoji-serve: ', f'bitmoji-serve: worker {index}: ', 1)}\n"
-                             if line.startswith("bitmoji-serve: ") else f"bitmoji-serve: worker {index}: {line}\n")
+            sys.stderr.write(
+                f"{line.replace('bitmoji-serve: ', f'bitmoji-serve: worker {index}: ', 1)}\n"
+                if line.startswith("bitmoji-serve: ")
+                else f"bitmoji-serve: worker {index}: {line}\n"
+            )
             if not was_ready and line.startswith("bitmoji-serve: ready on "):
                 was_ready = True
                 self.ready.add(index)
@@ -178,8 +194,14 @@ async def supervise(config: ServerConfig, argv: list[str]) -> int:
         await supervisor.all_ready.wait()
         if not supervisor.stopping:
             metrics_url = f"http://{address(config.metrics_host, config.metrics_port)}/metrics" if httpd else "off"
-            log.info("ready on %s (%d workers, each sized to %d cores; metrics %s; up in %.1f s)",
-                     address(config.host, supervisor.port), config.workers, worker_cores(config), metrics_url, time.monotonic() - started)
+            log.info(
+                "ready on %s (%d workers, each sized to %d cores; metrics %s; up in %.1f s)",
+                address(config.host, supervisor.port),
+                config.workers,
+                worker_cores(config),
+                metrics_url,
+                time.monotonic() - started,
+            )
         await supervisor.wait_all()
     finally:
         supervisor.signal_all(signal.SIGTERM)
@@ -192,5 +214,7 @@ async def supervise(config: ServerConfig, argv: list[str]) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if supervisor.failed:
         return 1
-    log.info("stopped (%d workers%s)", config.workers, f", {supervisor.restarts} restarted" if supervisor.restarts else "")
+    log.info(
+        "stopped (%d workers%s)", config.workers, f", {supervisor.restarts} restarted" if supervisor.restarts else ""
+    )
     return 0

@@ -24,7 +24,9 @@ def export_test_model(arch: str, path: Path, seed: int = 0, class_names=("eva", 
     """An untrained (but seeded, deterministic) classifier exported exactly as the trainer does."""
     torch.manual_seed(seed)
     model = build_model(arch)
-    metadata = build_metadata(architecture=arch, class_names=list(class_names), positive_class=class_names[0], model=model)
+    metadata = build_metadata(
+        architecture=arch, class_names=list(class_names), positive_class=class_names[0], model=model
+    )
     return export_model(model, path, metadata)
 
 
@@ -77,7 +79,9 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(model: Path, *args: str, env: dict | None = None, timeout: float = 60, metrics: bool = True) -> ServerProcess:
+def start_server(
+    model: Path, *args: str, env: dict | None = None, timeout: float = 60, metrics: bool = True
+) -> ServerProcess:
     """Start `python -m bitmoji.server` on a free loopback port and wait for its ready line (the benchmarks' own launcher)."""
     server = launch_server(model, list(args), metrics=metrics, timeout=timeout, env=env)
     host, _, port = server.target.rpartition(":")

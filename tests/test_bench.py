@@ -30,9 +30,28 @@ def read(path: Path) -> dict:
 
 def test_inprocess_smoke(mlp_model_file, tmp_path):
     out = tmp_path / "inprocess.json"
-    inprocess.main(["--model", str(mlp_model_file), "--duration", "0.3", "--warmup", "0.05", "--processes", "1", "--json", str(out)])
+    inprocess.main(
+        [
+            "--model",
+            str(mlp_model_file),
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0.05",
+            "--processes",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     r = read(out)
-    for name in ("decode_1thread", "decode_1proc", "forward_1thread", "decode_forward_1proc", "decode_forward_1threads"):
+    for name in (
+        "decode_1thread",
+        "decode_1proc",
+        "forward_1thread",
+        "decode_forward_1proc",
+        "decode_forward_1threads",
+    ):
         assert r["rows"][name]["images_per_s"] > 0, name
     assert 0 < r["decode_ms_per_image"] < 1000
     assert r["ceiling_images_per_s"] > 0 and r["ceiling_cpu_ms_per_image"] > 0
@@ -42,8 +61,23 @@ def test_inprocess_smoke(mlp_model_file, tmp_path):
 def test_load_smoke(mlp_model_file, tmp_path):
     out = tmp_path / "load.json"
     # concurrency 4 from two generator processes: the split path too; two server workers: their CPU and metrics add up
-    load.main(["--model", str(mlp_model_file), "--concurrency", "1,4", "--procs", "2", "--duration", "0.6", "--warmup", "0.2",
-               "--server-arg=--workers=2", "--json", str(out)])
+    load.main(
+        [
+            "--model",
+            str(mlp_model_file),
+            "--concurrency",
+            "1,4",
+            "--procs",
+            "2",
+            "--duration",
+            "0.6",
+            "--warmup",
+            "0.2",
+            "--server-arg=--workers=2",
+            "--json",
+            str(out),
+        ]
+    )
     r = read(out)
     assert [row["concurrency"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["generator_processes"] == 1 and r["rows"][1]["generator_processes"] == 2
@@ -95,7 +129,14 @@ def test_coldstart_smoke(mlp_model_file, tmp_path):
     r = read(out)
     assert 0 < r["runs"][0]["health_answers_s"] <= r["runs"][0]["serving_s"] == r["serving_s_median"]
     b = r["breakdown"]
-    for part in ("interpreter_s", "import_torch_s", "import_grpc_s", "import_server_rest_s", "load_model_s", "warmup_s"):
+    for part in (
+        "interpreter_s",
+        "import_torch_s",
+        "import_grpc_s",
+        "import_server_rest_s",
+        "load_model_s",
+        "warmup_s",
+    ):
         assert b[part] >= 0, part
     assert b["import_torch_s"] > 0 and "torch" in b["importtime_cumulative_ms"]
 
@@ -121,26 +162,97 @@ def test_train_loop_smoke(tmp_path):
 
 def test_run_all_report_and_plot(tmp_path):
     """The report and the plot from a small, made-up result (the steps themselves are smoke-tested above)."""
-    row = dict(concurrency=1, images_per_s=100.0, p50=1.5, p90=2.0, p99=3.0, max=4.0, error_count=0, errors={},
-               generator_cpu_cores=0.1, server_cpu_cores=0.9, mean_batch_size=1.0, decode_ms=0.4, queue_wait_ms=0.01,
-               forward_ms_per_batch=0.2, loadavg=[1.0, 1.0, 1.0])
-    rows = [row, {**row, "concurrency": 32, "images_per_s": 3200.0, "p99": 20.0}, {**row, "concurrency": 64, "images_per_s": 2000.0}]
+    row = dict(
+        concurrency=1,
+        images_per_s=100.0,
+        p50=1.5,
+        p90=2.0,
+        p99=3.0,
+        max=4.0,
+        error_count=0,
+        errors={},
+        generator_cpu_cores=0.1,
+        server_cpu_cores=0.9,
+        mean_batch_size=1.0,
+        decode_ms=0.4,
+        queue_wait_ms=0.01,
+        forward_ms_per_batch=0.2,
+        loadavg=[1.0, 1.0, 1.0],
+    )
+    rows = [
+        row,
+        {**row, "concurrency": 32, "images_per_s": 3200.0, "p99": 20.0},
+        {**row, "concurrency": 64, "images_per_s": 2000.0},
+    ]
     r = {
-        "machine": {"cpu": "test cpu", "cores": 2, "loadavg": [1.0, 1.0, 1.0], "python": "3", "torch": "2", "grpcio": "1", "platform": "x"},
-        "quick": True, "started": "then", "finished": "now", "data": "d", "loadavg_end": [1, 1, 1],
-        "commands": {"inprocess": "a", "load_mlp": "b", "load_mlp_workers": "b2", "probe": "c", "torchserve": "d", "coldstart": "e",
-                     "coldstart_workers": "e2"},
-        "inprocess": {"batch": 64, "duration_s": 1, "cores": 2, "ceiling_images_per_s": 3500.0,
-                      "rows": {"decode_2proc": {"images_per_s": 5000.0, "loadavg": [1, 1, 1]}}},
+        "machine": {
+            "cpu": "test cpu",
+            "cores": 2,
+            "loadavg": [1.0, 1.0, 1.0],
+            "python": "3",
+            "torch": "2",
+            "grpcio": "1",
+            "platform": "x",
+        },
+        "quick": True,
+        "started": "then",
+        "finished": "now",
+        "data": "d",
+        "loadavg_end": [1, 1, 1],
+        "commands": {
+            "inprocess": "a",
+            "load_mlp": "b",
+            "load_mlp_workers": "b2",
+            "probe": "c",
+            "torchserve": "d",
+            "coldstart": "e",
+            "coldstart_workers": "e2",
+        },
+        "inprocess": {
+            "batch": 64,
+            "duration_s": 1,
+            "cores": 2,
+            "ceiling_images_per_s": 3500.0,
+            "rows": {"decode_2proc": {"images_per_s": 5000.0, "loadavg": [1, 1, 1]}},
+        },
         "load_mlp": {"rows": rows, "server_ready_s": 2.0},
-        "load_mlp_workers": {"rows": [{**r, "images_per_s": 2 * r["images_per_s"]} for r in rows], "server_ready_s": 3.0},
-        "probe": {"classify_ms": percentiles([1.0]), "probe_ms": percentiles([2.0]), "p50_ratio": 2.0, "calls": 1, "loadavg": [1, 1, 1]},
-        "torchserve": {"torchserve_version": "0.12.0", "torchserve_settings": torchserve.SETTINGS, "max_probability_difference": 1e-6,
-                       "rows": [{"concurrency": 32, "torchserve": {**row, "images_per_s": 500.0}, "ours": {**row, "images_per_s": 800.0},
-                                 "throughput_ratio": 1.6, "ours_workers": {**row, "images_per_s": 450.0},
-                                 "workers_throughput_ratio": 0.9}]},
-        "coldstart": {"serving_s_median": 2.5, "runs": [{"serving_s": 2.5}], "loadavg": [1, 1, 1],
-                      "workers": {"serving_s_median": 5.5, "runs": [{"serving_s": 5.5}], "loadavg": [1, 1, 1], "server_args": ["--workers=2"]}},
+        "load_mlp_workers": {
+            "rows": [{**r, "images_per_s": 2 * r["images_per_s"]} for r in rows],
+            "server_ready_s": 3.0,
+        },
+        "probe": {
+            "classify_ms": percentiles([1.0]),
+            "probe_ms": percentiles([2.0]),
+            "p50_ratio": 2.0,
+            "calls": 1,
+            "loadavg": [1, 1, 1],
+        },
+        "torchserve": {
+            "torchserve_version": "0.12.0",
+            "torchserve_settings": torchserve.SETTINGS,
+            "max_probability_difference": 1e-6,
+            "rows": [
+                {
+                    "concurrency": 32,
+                    "torchserve": {**row, "images_per_s": 500.0},
+                    "ours": {**row, "images_per_s": 800.0},
+                    "throughput_ratio": 1.6,
+                    "ours_workers": {**row, "images_per_s": 450.0},
+                    "workers_throughput_ratio": 0.9,
+                }
+            ],
+        },
+        "coldstart": {
+            "serving_s_median": 2.5,
+            "runs": [{"serving_s": 2.5}],
+            "loadavg": [1, 1, 1],
+            "workers": {
+                "serving_s_median": 5.5,
+                "runs": [{"serving_s": 5.5}],
+                "loadavg": [1, 1, 1],
+                "server_args": ["--workers=2"],
+            },
+        },
     }
     verdicts = {t[0]: t[3] for t in run_all.targets(r)}
     assert verdicts["MLP throughput, concurrency 32"] == "**met**"
@@ -158,8 +270,15 @@ def test_run_all_report_and_plot(tmp_path):
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
     assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
     assert "`e2`: process start to the first worker's health SERVING, median **5.50 s**" in text
-    assert "## TorchServe 0.12.0 side by side" in text and "| 32 | 500 |" in text and "| 1.60x | 450 |" in text and "| 0.90x |" in text
-    r["torchserve"]["rows"][0] = {k: v for k, v in r["torchserve"]["rows"][0].items() if not k.startswith(("ours_workers", "workers_"))}
+    assert (
+        "## TorchServe 0.12.0 side by side" in text
+        and "| 32 | 500 |" in text
+        and "| 1.60x | 450 |" in text
+        and "| 0.90x |" in text
+    )
+    r["torchserve"]["rows"][0] = {
+        k: v for k, v in r["torchserve"]["rows"][0].items() if not k.startswith(("ours_workers", "workers_"))
+    }
     assert "| 1.60x | | | | | |" in run_all.markdown(r, None)  # a result from before the --workers column still renders
     r["torchserve"] = {"skipped": "torchserve not found"}
     assert "Skipped: torchserve not found." in run_all.markdown(r, None)
@@ -173,9 +292,13 @@ def test_real_images_are_128_pngs():
             assert img.format == "PNG" and img.size == (128, 128)
 
 
-@pytest.mark.parametrize("module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop", "torchserve"])
+@pytest.mark.parametrize(
+    "module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop", "torchserve"]
+)
 def test_every_script_has_help(module):
-    r = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "usage" in r.stdout
 
 
@@ -184,12 +307,19 @@ def _torchserve_messages():
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="ts_inference_test.proto", package="org.pytorch.serve.grpc.inference", syntax="proto3")
+    f = descriptor_pb2.FileDescriptorProto(
+        name="ts_inference_test.proto", package="org.pytorch.serve.grpc.inference", syntax="proto3"
+    )
     request = f.message_type.add(name="PredictionsRequest")
     request.field.add(name="model_name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     request.field.add(name="model_version", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    request.field.add(name="input", number=3, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
-                      type_name=".org.pytorch.serve.grpc.inference.PredictionsRequest.InputEntry")
+    request.field.add(
+        name="input",
+        number=3,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_REPEATED,
+        type_name=".org.pytorch.serve.grpc.inference.PredictionsRequest.InputEntry",
+    )
     entry = request.nested_type.add(name="InputEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
@@ -199,8 +329,10 @@ def _torchserve_messages():
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     get = message_factory.GetMessageClass
-    return (get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionsRequest")),
-            get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionResponse")))
+    return (
+        get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionsRequest")),
+        get(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionResponse")),
+    )
 
 
 def test_torchserve_messages_are_what_protobuf_makes_of_its_proto():
@@ -220,10 +352,25 @@ def test_torchserve_comparison_is_skipped_without_torchserve(monkeypatch, tmp_pa
     assert "torchserve not found" in read(out)["skipped"]
 
 
-@pytest.mark.skipif(torchserve.missing() is not None, reason="torchserve is not installed (an optional extra: see bench/torchserve.py)")
+@pytest.mark.skipif(
+    torchserve.missing() is not None, reason="torchserve is not installed (an optional extra: see bench/torchserve.py)"
+)
 def test_torchserve_smoke(mlp_model_file, tmp_path):
     out = tmp_path / "ts.json"
-    torchserve.main(["--model", str(mlp_model_file), "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2", "--json", str(out)])
+    torchserve.main(
+        [
+            "--model",
+            str(mlp_model_file),
+            "--concurrency",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--json",
+            str(out),
+        ]
+    )
     r = read(out)
     assert r["max_probability_difference"] <= 1e-4
     (row,) = r["rows"]

@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, start_server
 from PIL import Image, ImageDraw
 
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
-from conftest import free_port, start_server
 from bitmoji.core.modelfile import file_sha256, load_model
 from bitmoji.core.preprocess import load_image, to_model_input
 
@@ -34,8 +34,12 @@ def make_images(directory: Path) -> list[Path]:
     """A few synthetic stickers in different sizes and modes (so the server resizes and converts)."""
     rng = np.random.default_rng(7)
     paths = []
-    for i, (size, mode, fill) in enumerate([((128, 128), "RGB", (255, 200, 40)), ((150, 200), "RGBA", (40, 90, 255, 255)), ((131, 97), "L", 230)]):
-        pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8).squeeze(-1 if mode == "L" else None)
+    for i, (size, mode, fill) in enumerate(
+        [((128, 128), "RGB", (255, 200, 40)), ((150, 200), "RGBA", (40, 90, 255, 255)), ((131, 97), "L", 230)]
+    ):
+        pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8).squeeze(
+            -1 if mode == "L" else None
+        )
         image = Image.fromarray(pixels, mode)
         ImageDraw.Draw(image).ellipse((10, 10, size[0] - 20, size[1] - 30), fill=fill)
         path = directory / f"sticker{i}.png"
@@ -185,7 +189,9 @@ def test_async_client_classifies_and_describes(cnn_server, cnn_model_file, tmp_p
 
 def run_cli(target: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BITMOJI_TARGET": target}
-    return subprocess.run([sys.executable, "-m", "bitmoji.client", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "bitmoji.client", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_end_to_end(cnn_server, tmp_path):

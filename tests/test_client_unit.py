@@ -15,14 +15,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli, convert
 from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_credentials, channel_options
 from bitmoji.client.retry import backoff_delay, call_with_retries
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc
 
 
 def png(color=(200, 30, 60), size=(16, 12)) -> bytes:
@@ -79,7 +79,9 @@ def test_non_contiguous_and_big_endian_arrays_are_sent_row_major_little_endian()
     assert torch.equal(convert.to_torch(convert.tensor_proto(gpu_free)), gpu_free)
 
 
-@pytest.mark.parametrize("bad", [np.zeros(3, dtype=np.int64), torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bool)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros(3, dtype=np.int64), torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bool)]
+)
 def test_unsupported_dtypes_are_refused_with_the_item_index(bad):
     with pytest.raises(ValueError, match=r"item 1: unsupported dtype"):
         convert.to_inputs([png(), bad])
@@ -178,14 +180,23 @@ def test_retries_run_out_and_the_last_unavailable_is_raised():
     fake = FakeTime()
     call, timeouts = scripted(*[FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")] * 4)
     with pytest.raises(BitmojiError) as info:
-        call_with_retries(call, method="Classify", timeout=10, retries=3, backoff=0.1, sleep=fake.sleep, clock=fake.clock)
+        call_with_retries(
+            call, method="Classify", timeout=10, retries=3, backoff=0.1, sleep=fake.sleep, clock=fake.clock
+        )
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.details == "down"
     assert info.value.method == "Classify" and isinstance(info.value.__cause__, grpc.RpcError)
     assert len(timeouts) == 4 and len(fake.sleeps) == 3
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL])
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+    ],
+)
 def test_other_errors_are_not_retried(code):
     fake = FakeTime()
     call, timeouts = scripted(FakeRpcError(code), "ok")
@@ -209,8 +220,14 @@ def test_channel_options_default_limits_round_robin_and_overrides():
     options = dict(channel_options(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, load_balancing=None, backoff=0.1))
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 64 * 1024 * 1024
     assert "grpc.service_config" not in options
-    options = dict(channel_options(max_message_bytes=1000, load_balancing="round_robin", backoff=0.1,
-                                   options=[("grpc.max_receive_message_length", 5)]))
+    options = dict(
+        channel_options(
+            max_message_bytes=1000,
+            load_balancing="round_robin",
+            backoff=0.1,
+            options=[("grpc.max_receive_message_length", 5)],
+        )
+    )
     assert '"round_robin"' in options["grpc.service_config"]
     assert options["grpc.max_receive_message_length"] == 5 and options["grpc.max_send_message_length"] == 1000
     with pytest.raises(ValueError, match="load_balancing"):
@@ -267,8 +284,13 @@ class ScriptedClassifier(classifier_pb2_grpc.ClassifierServicer):
             )
 
     def GetModelInfo(self, request, context):
-        return pb.GetModelInfoResponse(model_version="v-test", class_names=["eva", "not_eva"], positive_class="eva",
-                                       input_shape=[3, 128, 128], metadata_json='{"metrics": {"accuracy": 0.9}}')
+        return pb.GetModelInfoResponse(
+            model_version="v-test",
+            class_names=["eva", "not_eva"],
+            positive_class="eva",
+            input_shape=[3, 128, 128],
+            metadata_json='{"metrics": {"accuracy": 0.9}}',
+        )
 
 
 @pytest.fixture
@@ -337,7 +359,9 @@ def test_health_and_wait_until_serving(scripted_server):
         with pytest.raises(BitmojiError) as info:
             client.wait_until_serving(0.3, service="bitmoji.v1.Classifier")
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "NOT_SERVING" in info.value.details
-        threading.Timer(0.2, health_servicer.set, ("bitmoji.v1.Classifier", health_pb2.HealthCheckResponse.SERVING)).start()
+        threading.Timer(
+            0.2, health_servicer.set, ("bitmoji.v1.Classifier", health_pb2.HealthCheckResponse.SERVING)
+        ).start()
         client.wait_until_serving(5, service="bitmoji.v1.Classifier")
         assert client.health("bitmoji.v1.Classifier") == "SERVING"
 
@@ -362,7 +386,9 @@ def test_async_client_retries_and_answers(scripted_server):
 def test_stream_answers_each_batch_in_order_and_reports_bad_items(scripted_server):
     target, _, _ = scripted_server
     with BitmojiClient(target) as client:
-        answers = [[p.label for p in predictions] for predictions in client.classify_stream([[png()], [png(), png()], png()])]
+        answers = [
+            [p.label for p in predictions] for predictions in client.classify_stream([[png()], [png(), png()], png()])
+        ]
         assert answers == [["1"], ["2", "2"], ["1"]]
         stream = client.classify_stream([[png()], [1.5], [png()]])
         assert [p.label for p in next(stream)] == ["1"]
@@ -388,9 +414,28 @@ def self_signed(directory, name: str) -> tuple[bytes, bytes]:
     """(private key, certificate) for 127.0.0.1 and localhost, from the openssl command line."""
     key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
     )
     return key.read_bytes(), cert.read_bytes()
 
@@ -401,11 +446,15 @@ def test_tls_and_mutual_tls(tmp_path):
     client_key, client_cert = self_signed(tmp_path, "client")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ScriptedClassifier(), server)
-    credentials = grpc.ssl_server_credentials([(server_key, server_cert)], root_certificates=client_cert, require_client_auth=True)
+    credentials = grpc.ssl_server_credentials(
+        [(server_key, server_cert)], root_certificates=client_cert, require_client_auth=True
+    )
     target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
     server.start()
     try:
-        with BitmojiClient(target, root_certificates=server_cert, private_key=client_key, certificate_chain=client_cert) as client:
+        with BitmojiClient(
+            target, root_certificates=server_cert, private_key=client_key, certificate_chain=client_cert
+        ) as client:
             assert client.model_info().model_version == "v-test"
         for refused in (
             BitmojiClient(target, retries=0, timeout=3, root_certificates=server_cert),  # no client certificate

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
-from bitmoji.v1 import classifier_pb2
 from bitmoji.server.config import ENV_PREFIX, ServerConfig, parse_config
 from bitmoji.server.main import default_torch_threads
+from bitmoji.v1 import classifier_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -72,11 +72,17 @@ def build(directory: Path) -> list[dict]:
     for resource in kustomization.get("resources", []):
         path = (directory / resource).resolve()
         # kustomize refuses a base whose directory holds the overlay using it ("cycle detected")
-        assert not (path.is_dir() and directory.resolve().is_relative_to(path)), f"{directory} builds on {path}, which contains it"
+        assert not (path.is_dir() and directory.resolve().is_relative_to(path)), (
+            f"{directory} builds on {path}, which contains it"
+        )
         objects += build(path) if path.is_dir() else load(path)
     for patch in kustomization.get("patches", []):
         for change in load(directory / patch["path"]):
-            at = [i for i, o in enumerate(objects) if (o["kind"], o["metadata"]["name"]) == (change["kind"], change["metadata"]["name"])]
+            at = [
+                i
+                for i, o in enumerate(objects)
+                if (o["kind"], o["metadata"]["name"]) == (change["kind"], change["metadata"]["name"])
+            ]
             assert len(at) == 1, f"patch {patch['path']} matches {len(at)} objects"
             objects[at[0]] = strategic_merge(objects[at[0]], change)
     for image in kustomization.get("images", []):
@@ -118,7 +124,9 @@ def container_env(container: dict) -> dict[str, str]:
             env[e["name"]] = str(e["value"])
         elif "resourceFieldRef" in e.get("valueFrom", {}):
             ref = e["valueFrom"]["resourceFieldRef"]
-            assert ref.get("containerName", container["name"]) == container["name"], f"{e['name']}: another container's {ref['resource']}"
+            assert ref.get("containerName", container["name"]) == container["name"], (
+                f"{e['name']}: another container's {ref['resource']}"
+            )
             kind, _, resource = ref["resource"].partition(".")
             assert resource == "cpu", f"{e['name']}: {ref['resource']} is not a CPU quantity"
             # Kubernetes divides by the divisor (default 1) and rounds up
@@ -129,7 +137,9 @@ def container_env(container: dict) -> dict[str, str]:
 def server_config(container: dict) -> ServerConfig:
     """The container's command line and environment, through the server's own parser (it exits on a bad flag)."""
     env = container_env(container)
-    unknown = {k for k in env if k.startswith(ENV_PREFIX)} - {ENV_PREFIX + f.upper() for f in ServerConfig.__dataclass_fields__}
+    unknown = {k for k in env if k.startswith(ENV_PREFIX)} - {
+        ENV_PREFIX + f.upper() for f in ServerConfig.__dataclass_fields__
+    }
     assert not unknown, f"variables the server does not read: {sorted(unknown)}"
     assert container.get("command") in (None, ["bitmoji-serve"]), "the image's entrypoint is bitmoji-serve"
     try:
@@ -173,15 +183,18 @@ def check_config(objects: list[dict]) -> ServerConfig:
     config = server_config(container)
     ports = named_ports(container)
     assert ports.get("grpc") == config.port, f"port named grpc {ports.get('grpc')} != the server's --port {config.port}"
-    assert ports.get("metrics") == config.metrics_port, f"port named metrics {ports.get('metrics')} != --metrics-port {config.metrics_port}"
+    assert ports.get("metrics") == config.metrics_port, (
+        f"port named metrics {ports.get('metrics')} != --metrics-port {config.metrics_port}"
+    )
     assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0", "listen on all interfaces inside a pod"
     mounts = {m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])}
     assert str(Path(config.model).parent) in mounts, f"the model {config.model} is on no mounted volume"
     # A pod sees its node's cores, not its CPU limit: the threads must be sized to the limit, by --cores
     # (BITMOJI_CORES) or by both thread counts, and fit it.
     limit = cpu(container["resources"]["limits"]["cpu"])
-    assert config.cores is not None or None not in (config.torch_threads, config.decode_workers), \
+    assert config.cores is not None or None not in (config.torch_threads, config.decode_workers), (
         "set BITMOJI_CORES (the CPU limit) or both --torch-threads and --decode-workers: the default is the node's cores"
+    )
     if config.cores is not None:
         assert config.cores <= math.ceil(limit), f"--cores {config.cores} vs a limit of {limit} cores"
     # resolved as the server resolves them (here both thread counts, or --cores, are set: nothing falls back to this machine)
@@ -199,12 +212,16 @@ def check_probes(objects: list[dict]) -> None:
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container.get(kind)
         assert probe and "grpc" in probe, f"{kind}: needs Kubernetes' gRPC probe (grpc.health.v1)"
-        assert probe["grpc"]["port"] == grpc_port, f"{kind} probes port {probe['grpc']['port']}, the gRPC port is {grpc_port}"
+        assert probe["grpc"]["port"] == grpc_port, (
+            f"{kind} probes port {probe['grpc']['port']}, the gRPC port is {grpc_port}"
+        )
         service = probe["grpc"].get("service", "")
         assert service in HEALTH_NAMES, f"{kind}: the server sets no health status for {service!r}"
     assert container["readinessProbe"]["grpc"].get("service") == CLASSIFIER, "readiness asks for the Classifier service"
     startup = container["startupProbe"]
-    assert startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10) >= 60, "allow a minute or more for load and warm-up"
+    assert startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10) >= 60, (
+        "allow a minute or more for load and warm-up"
+    )
 
 
 def check_grace(objects: list[dict]) -> None:
@@ -239,21 +256,31 @@ def check_selection(objects: list[dict]) -> None:
     services = [o for o in objects if o["kind"] == "Service"]
     for service in services:
         selector = service["spec"].get("selector") or {}
-        assert selector and selector.items() <= labels.items(), f"Service {service['metadata']['name']} selects no pod: {selector}"
+        assert selector and selector.items() <= labels.items(), (
+            f"Service {service['metadata']['name']} selects no pod: {selector}"
+        )
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
-            assert target in ports or target in ports.values(), f"Service {service['metadata']['name']}: no container port {target}"
+            assert target in ports or target in ports.values(), (
+                f"Service {service['metadata']['name']}: no container port {target}"
+            )
     headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
-    assert headless and any(p["name"] == "grpc" for p in headless[0]["spec"]["ports"]), "a headless Service for client-side balancing"
+    assert headless and any(p["name"] == "grpc" for p in headless[0]["spec"]["ports"]), (
+        "a headless Service for client-side balancing"
+    )
     assert any(s["spec"].get("clusterIP") != "None" for s in services), "a ClusterIP Service"
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
-    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", name), f"the HPA targets {target}"
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", name), (
+        f"the HPA targets {target}"
+    )
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     cpu_metrics = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
     assert cpu_metrics and cpu_metrics[0]["resource"]["target"]["type"] == "Utilization"
-    assert "cpu" in server_container(deployment)["resources"]["requests"], "CPU utilisation is relative to the CPU request"
+    assert "cpu" in server_container(deployment)["resources"]["requests"], (
+        "CPU utilisation is relative to the CPU request"
+    )
     pdb = one(objects, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), "the PodDisruptionBudget selects no pod"
 
@@ -263,7 +290,9 @@ def check_metrics(objects: list[dict]) -> None:
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
     config = server_config(server_container(deployment))
     assert annotations.get("prometheus.io/scrape") == "true"
-    assert annotations.get("prometheus.io/port") == str(config.metrics_port) != "0", "scrape the port --metrics-port serves"
+    assert annotations.get("prometheus.io/port") == str(config.metrics_port) != "0", (
+        "scrape the port --metrics-port serves"
+    )
     assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
 
 
@@ -302,8 +331,10 @@ def test_kubectl_kustomize_builds_the_objects_checked_here(name):
     # The checks here run on this file's own kustomize subset; kubectl's kustomize is what users run.
     result = subprocess.run(["kubectl", "kustomize", str(VARIANTS[name])], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
     def key(o):
         return o["kind"], o["metadata"]["name"]
+
     built = {key(o): o for o in yaml.safe_load_all(result.stdout)}
     ours = {key(o): o for o in build(VARIANTS[name])}
     assert built.keys() == ours.keys()
@@ -357,24 +388,51 @@ def _annotations(objects):
 
 BREAKAGES = {
     "readiness on another port": (check_probes, lambda o: _server(o)["readinessProbe"]["grpc"].update(port=50052)),
-    "readiness on an unknown service": (check_probes, lambda o: _server(o)["readinessProbe"]["grpc"].update(service="bitmoji.Classifier")),
-    "liveness over HTTP": (check_probes, lambda o: _server(o).update(livenessProbe={"httpGet": {"path": "/", "port": 9464}})),
+    "readiness on an unknown service": (
+        check_probes,
+        lambda o: _server(o)["readinessProbe"]["grpc"].update(service="bitmoji.Classifier"),
+    ),
+    "liveness over HTTP": (
+        check_probes,
+        lambda o: _server(o).update(livenessProbe={"httpGet": {"path": "/", "port": 9464}}),
+    ),
     "an unknown flag": (check_config, lambda o: _server(o)["args"].append("--batch-size=4")),
     "an invalid value": (check_config, lambda o: _server(o)["args"].append("--max-batch-size=0")),
-    "an unknown variable": (check_config, lambda o: _server(o)["env"].append({"name": "BITMOJI_MAX_BATCH", "value": "4"})),
-    "port name and flag disagree": (check_config, lambda o: _server(o)["env"].append({"name": "BITMOJI_PORT", "value": "50052"})),
+    "an unknown variable": (
+        check_config,
+        lambda o: _server(o)["env"].append({"name": "BITMOJI_MAX_BATCH", "value": "4"}),
+    ),
+    "port name and flag disagree": (
+        check_config,
+        lambda o: _server(o)["env"].append({"name": "BITMOJI_PORT", "value": "50052"}),
+    ),
     "threads beyond the limit": (check_config, lambda o: _server(o)["args"].append("--torch-threads=8")),
     "cores beyond the limit": (check_config, lambda o: _server(o)["args"].append("--cores=8")),
-    "threads sized to the node": (check_config, lambda o: _server(o).update(env=[e for e in _server(o)["env"] if e["name"] != "BITMOJI_CORES"])),
-    "cores of another container": (check_config, lambda o: [e["valueFrom"]["resourceFieldRef"].update(containerName="fetch-model")
-                                                            for e in _server(o)["env"] if e["name"] == "BITMOJI_CORES"]),
+    "threads sized to the node": (
+        check_config,
+        lambda o: _server(o).update(env=[e for e in _server(o)["env"] if e["name"] != "BITMOJI_CORES"]),
+    ),
+    "cores of another container": (
+        check_config,
+        lambda o: [
+            e["valueFrom"]["resourceFieldRef"].update(containerName="fetch-model")
+            for e in _server(o)["env"]
+            if e["name"] == "BITMOJI_CORES"
+        ],
+    ),
     "grace period too short": (check_grace, lambda o: _pod(o).update(terminationGracePeriodSeconds=15)),
     "drain longer than the pod may take": (check_grace, lambda o: _server(o)["args"].append("--grace-period-s=60")),
     "no preStop": (check_grace, lambda o: _server(o).pop("lifecycle")),
     "no memory limit": (check_resources, lambda o: _server(o)["resources"]["limits"].pop("memory")),
     "request above limit": (check_resources, lambda o: _server(o)["resources"]["requests"].update(cpu="8")),
-    "Service selects nothing": (check_selection, lambda o: [s["spec"]["selector"].update(app="x") for s in o if s["kind"] == "Service"]),
-    "HPA targets another Deployment": (check_selection, lambda o: one(o, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].update(name="x")),
+    "Service selects nothing": (
+        check_selection,
+        lambda o: [s["spec"]["selector"].update(app="x") for s in o if s["kind"] == "Service"],
+    ),
+    "HPA targets another Deployment": (
+        check_selection,
+        lambda o: one(o, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].update(name="x"),
+    ),
     "scrape the gRPC port": (check_metrics, lambda o: _annotations(o).update({"prometheus.io/port": "50051"})),
 }
 

@@ -17,7 +17,21 @@ from bitmoji.trainer.train import TrainConfig, TrainingError, evaluate, fit
 
 # the MLP without dropout or augmentation: nothing random but the shuffling, which every rank draws alike;
 # lr 1e-3 and patience 1 make this run stop early at epoch 4 (of 15), with accuracies that move
-FLAGS = ["--arch", "mlp", "--dropout", "0", "--no-augment", "--batch-size", "16", "--lr", "1e-3", "--patience", "1", "--seed", "5"]
+FLAGS = [
+    "--arch",
+    "mlp",
+    "--dropout",
+    "0",
+    "--no-augment",
+    "--batch-size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--patience",
+    "1",
+    "--seed",
+    "5",
+]
 CONFIG = dict(arch="mlp", dropout=0.0, augment=False, batch_size=16, lr=1e-3, patience=1, seed=5, progress=False)
 OUTPUTS = ["checkpoint.pt", "curves.png", "history.csv", "history.json", "model.pt"]
 
@@ -30,7 +44,20 @@ def tiny(tmp_path_factory):
 def torchrun_fit(data, out, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`; a hang fails the test (and its processes are killed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    cmd += ["-m", "bitmoji.trainer", "fit", "--data", str(data), "--out", str(out), *FLAGS, "--threads", "1", "--no-progress", *args]
+    cmd += [
+        "-m",
+        "bitmoji.trainer",
+        "fit",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *FLAGS,
+        "--threads",
+        "1",
+        "--no-progress",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

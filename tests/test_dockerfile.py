@@ -15,7 +15,11 @@ DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
 
 def instructions() -> list[tuple[str, str]]:
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M) if not m.group(0).lstrip().startswith("#")]
+    return [
+        (m.group(1).upper(), m.group(2).strip())
+        for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+        if not m.group(0).lstrip().startswith("#")
+    ]
 
 
 def test_hadolint_passes():
@@ -29,7 +33,7 @@ def test_hadolint_passes():
 def test_multi_stage_non_root_with_healthcheck():
     steps = instructions()
     assert sum(1 for op, _ in steps if op == "FROM") >= 2
-    final_stage = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
+    final_stage = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
     users = [arg for op, arg in final_stage if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     health = [arg for op, arg in final_stage if op == "HEALTHCHECK"]
@@ -71,8 +75,22 @@ def test_the_image_installs_no_trainer_code(tmp_path):
     for source in _copied_sources():
         (shutil.copytree if (root / source).is_dir() else shutil.copy)(root / source, context / source)
     assert not (context / "trainer").exists()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(context)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(context),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("bitmoji/server/") for n in names) and any(n.startswith("bitmoji/core/") for n in names)
@@ -83,7 +101,11 @@ def test_the_image_installs_no_trainer_code(tmp_path):
 
 def test_dockerignore_keeps_the_build_context_to_what_is_copied():
     """After the demo, .venv (GBs) and runs/ sit in the checkout: they must not be sent as build context."""
-    patterns = [line.strip() for line in (DOCKERFILE.parent / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (DOCKERFILE.parent / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert patterns[0] == "*", "ignore everything, then allow what the Dockerfile copies"
     allowed = {p.lstrip("!").rstrip("/") for p in patterns if p.startswith("!")}
     assert set(_copied_sources()) <= allowed | {s.rstrip("/") for s in allowed}

@@ -73,7 +73,9 @@ def test_bad_probe_requests(targets, loss, message):
         gradient_probe(ToyNetwork.lecture(), torch.tensor([[1.0]]), targets, loss=loss)
 
 
-@pytest.mark.parametrize("numel", [1, 7, SMALL_GRADIENT, SMALL_GRADIENT + 1, STATS_CHUNK, 2 * STATS_CHUNK + DOT_ROW + 13])
+@pytest.mark.parametrize(
+    "numel", [1, 7, SMALL_GRADIENT, SMALL_GRADIENT + 1, STATS_CHUNK, 2 * STATS_CHUNK + DOT_ROW + 13]
+)
 def test_gradient_stats_equal_the_plain_formulas_across_chunk_boundaries(numel):
     torch.manual_seed(numel)
     g = torch.randn(numel) * 3

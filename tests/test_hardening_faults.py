@@ -21,16 +21,16 @@ from collections import Counter
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from torch import nn
-
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import export_test_model, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_hardening_input import rss_bytes, small_image
 from test_server import image_input, sample, scrape
 from test_server_faults import FaultyNet, request, running_alone, wait_until
+from torch import nn
+
 from bitmoji.core import modelfile
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 OK = grpc.StatusCode.OK
 
@@ -53,7 +53,9 @@ def calibrate(module, seconds: float) -> int:
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "slow.pt"
-    modelfile.export_torchscript(FaultyNet(), path, {"model_version": "slow-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]]))
+    modelfile.export_torchscript(
+        FaultyNet(), path, {"model_version": "slow-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]])
+    )
     return path, calibrate(modelfile.load_model(path).module, 0.001)  # iterations per millisecond
 
 
@@ -62,8 +64,22 @@ def slow(slow_model):
     """Batches of up to 4 items, a queue of 8, one item per call: 64 callers overflow it. Stopped by the module's last test."""
     path, _ = slow_model
     server = start_server(
-        path, "--max-batch-size", "4", "--max-queue", "8", "--max-items-per-call", "1", "--max-batch-delay-ms", "0",
-        "--torch-threads", "1", "--decode-workers", "1", "--disable-gradient-probe", "--grace-period-s", "0.5",
+        path,
+        "--max-batch-size",
+        "4",
+        "--max-queue",
+        "8",
+        "--max-items-per-call",
+        "1",
+        "--max-batch-delay-ms",
+        "0",
+        "--torch-threads",
+        "1",
+        "--decode-workers",
+        "1",
+        "--disable-gradient-probe",
+        "--grace-period-s",
+        "0.5",
     )
     yield server
     if server.proc.poll() is None:
@@ -85,6 +101,7 @@ async def _load(target: str, callers: int, seconds: float, row, max_calls: int) 
     channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
     stop_at = time.monotonic() + seconds
     try:
+
         async def caller(i: int):
             stub = pb_grpc.ClassifierStub(channels[i % len(channels)])
             for _ in range(max_calls):
@@ -114,7 +131,9 @@ def test_more_callers_than_the_queue_holds_get_ok_or_resource_exhausted_and_memo
     outcomes = asyncio.run(_load(slow.target, 64, 4.0, row, 10_000))
     took = time.monotonic() - started
     after = rss_bytes(slow.proc.pid)
-    print(f"\nload: 64 callers, 4 s: {dict(outcomes)} in {took:.1f} s; server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+    print(
+        f"\nload: 64 callers, 4 s: {dict(outcomes)} in {took:.1f} s; server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+    )
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes["OK"] > 100 and outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes  # really overloaded, still serving
     assert took < 4.0 + 10, "calls hung"
@@ -139,7 +158,9 @@ def test_a_client_that_disconnects_mid_batch_does_not_disturb_the_rest_of_its_ba
         wait_until(slow, lambda s: sample(s, "bitmoji_queue_depth") == 4)
         if phase == "in the forward pass":  # the blocker ends; the four queued items run as one batch
             assert blocker.result().predictions[0].logit == 1.0
-            wait_until(slow, lambda s: sample(s, "bitmoji_queue_depth") == 0 and sample(s, "bitmoji_inflight_requests") == 4)
+            wait_until(
+                slow, lambda s: sample(s, "bitmoji_queue_depth") == 0 and sample(s, "bitmoji_inflight_requests") == 4
+            )
         victim_channel.close()  # the client goes away: its call is cancelled under the server
         assert victim.exception(timeout=30).code() == grpc.StatusCode.CANCELLED  # "Channel closed!"
         assert [f.result().predictions[0].logit for f in others] == pytest.approx([0.1, 0.2, 0.3]), phase
@@ -163,8 +184,22 @@ def test_a_client_that_disconnects_mid_batch_does_not_disturb_the_rest_of_its_ba
 def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exits_0(slow_model, server_factory):
     path, _ = slow_model
     server = server_factory(
-        path, "--max-batch-size", "4", "--max-queue", "64", "--max-items-per-call", "1", "--max-batch-delay-ms", "0",
-        "--torch-threads", "1", "--decode-workers", "1", "--grace-period-s", "20", "--disable-gradient-probe",
+        path,
+        "--max-batch-size",
+        "4",
+        "--max-queue",
+        "64",
+        "--max-items-per-call",
+        "1",
+        "--max-batch-delay-ms",
+        "0",
+        "--torch-threads",
+        "1",
+        "--decode-workers",
+        "1",
+        "--grace-period-s",
+        "20",
+        "--disable-gradient-probe",
     )
     row = [0.5, ms(slow_model, 25)]  # 25 ms per batch of 4, 24 callers: about 20 calls accepted at any time
     health: list[int] = []
@@ -219,7 +254,9 @@ def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exi
     print(f"\nSIGTERM under load: {dict(codes)}; {len(in_flight)} calls in flight at the signal")
     # Calls still in transit when the signal came end UNAVAILABLE (not taken) or, when gRPC had read them
     # but not yet handed them to the server, CANCELLED as the port closes; never anything else.
-    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, [c for c in calls if c[2] not in ("OK", "UNAVAILABLE", "CANCELLED")][:5]
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, [
+        c for c in calls if c[2] not in ("OK", "UNAVAILABLE", "CANCELLED")
+    ][:5]
     assert not [c for c in calls if "before this call ran" in c[3]], "an accepted call was dropped"
     assert codes["UNAVAILABLE"] >= 1, "nothing was refused after the signal"
     # The server says how many calls it had accepted when the signal came; every one of them was answered.
@@ -229,7 +266,11 @@ def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exi
     assert accepted >= 8 and answered_after >= accepted, (accepted, answered_after, line)
     last_answer = max(ended for _, ended, code, _ in calls if code == "OK")
     assert all(ended < last_answer for _, ended, code, _ in calls if code == "CANCELLED"), "cancelled during the drain"
-    assert health and health[0] == health_pb2.HealthCheckResponse.SERVING and health[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        health
+        and health[0] == health_pb2.HealthCheckResponse.SERVING
+        and health[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     assert "stopped" in server.output() and "cancelled" not in server.output()
 
 
@@ -243,7 +284,9 @@ def _nan_model_like(source, path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.flatten(1).sum(1, keepdim=True) * float("nan")
 
-    modelfile._atomic_save(modelfile.script(NanNet()), path, dict(modelfile.load_model(source).metadata, model_version="nan-1"))
+    modelfile._atomic_save(
+        modelfile.script(NanNet()), path, dict(modelfile.load_model(source).metadata, model_version="nan-1")
+    )
 
 
 def _replace(path, source) -> None:
@@ -253,8 +296,9 @@ def _replace(path, source) -> None:
     os.replace(tmp, path)
 
 
-def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses_bad_files(tmp_path, mlp_model_file, toy_model_file,
-                                                                                         server_factory):
+def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses_bad_files(
+    tmp_path, mlp_model_file, toy_model_file, server_factory
+):
     served = tmp_path / "model.pt"
     shutil.copyfile(mlp_model_file, served)
     new_model = export_test_model("mlp", tmp_path / "new.pt", seed=1)
@@ -271,7 +315,9 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             stub = pb_grpc.ClassifierStub(channel)
             while not stop.is_set():
                 try:
-                    versions[i].append(stub.Classify(pb.ClassifyRequest(inputs=[image_input(image)]), timeout=30).model_version)
+                    versions[i].append(
+                        stub.Classify(pb.ClassifyRequest(inputs=[image_input(image)]), timeout=30).model_version
+                    )
                 except grpc.RpcError as error:
                     errors.append(f"{error.code().name}: {error.details()}")
                 time.sleep(0.005)
@@ -284,7 +330,11 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
         return sample(scrape(server), "bitmoji_model_reloads_total", result=result)
 
     def model_info_version():
-        info = [dict(labels) for (name, labels), value in scrape(server).items() if name == "bitmoji_model_info" and value == 1]
+        info = [
+            dict(labels)
+            for (name, labels), value in scrape(server).items()
+            if name == "bitmoji_model_info" and value == 1
+        ]
         return info[0]["version"]
 
     try:
@@ -296,7 +346,12 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             assert time.monotonic() < deadline, "the new model never served"
             time.sleep(0.05)
         assert reloads("ok") == 1 and model_info_version() == new_version
-        assert pb_grpc.ClassifierStub(grpc.insecure_channel(server.target)).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_version == new_version
+        assert (
+            pb_grpc.ClassifierStub(grpc.insecure_channel(server.target))
+            .GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            .model_version
+            == new_version
+        )
 
         # refused: a corrupt file (SIGHUP), an incompatible one (another input shape), one with NaN outputs
         (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a model")
@@ -304,7 +359,9 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
         for failed, bad in enumerate((tmp_path / "corrupt.pt", toy_model_file, tmp_path / "nan.pt"), start=1):
             _replace(served, bad)
             server.proc.send_signal(signal.SIGHUP)
-            wait_until(server, lambda s: sample(s, "bitmoji_model_reloads_total", result="failed") >= failed, timeout=60)
+            wait_until(
+                server, lambda s: sample(s, "bitmoji_model_reloads_total", result="failed") >= failed, timeout=60
+            )
         time.sleep(0.5)  # traffic keeps flowing on the old model
     finally:
         stop.set()

@@ -16,19 +16,19 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+from conftest import start_server
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_server import health_status, image_input, png, rpc_error, scrape
 
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from bitmoji.client import BitmojiClient, BitmojiError
 from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES
-from conftest import start_server
-from bitmoji.server.config import ServerConfig, parse_config
-from test_server import health_status, image_input, png, rpc_error, scrape
 from bitmoji.core.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from bitmoji.server.config import ServerConfig, parse_config
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_PIXELS = 20_000  # the module's server: a 128x128 image (16,384 pixels) passes, 200x200 does not
@@ -68,8 +68,19 @@ def small_image(size: int = 128, seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def hostile(mlp_model_file):
     server = start_server(
-        mlp_model_file, "--max-image-pixels", str(MAX_PIXELS), "--max-message-bytes", str(MAX_MESSAGE),
-        "--max-items-per-call", str(MAX_ITEMS), "--max-queue", "64", "--max-probe-inputs", "2", "--max-batch-size", "8",
+        mlp_model_file,
+        "--max-image-pixels",
+        str(MAX_PIXELS),
+        "--max-message-bytes",
+        str(MAX_MESSAGE),
+        "--max-items-per-call",
+        str(MAX_ITEMS),
+        "--max-queue",
+        "64",
+        "--max-probe-inputs",
+        "2",
+        "--max-batch-size",
+        "8",
     )
     yield server
     if server.proc.poll() is None:
@@ -113,7 +124,10 @@ def test_a_decompression_bomb_is_refused_from_its_header_naming_the_item(hostile
 def test_the_pixel_limit_is_the_configured_one(stub):
     assert len(stub.Classify(classify(small_image(128)), timeout=30).predictions) == 1  # 16,384 pixels
     error = rpc_error(stub.Classify, classify(small_image(128), small_image(200)), timeout=30)
-    assert error.code() == INVALID and "inputs[1]: image too large: 200x200 pixels exceeds the limit of 20000" in error.details()
+    assert (
+        error.code() == INVALID
+        and "inputs[1]: image too large: 200x200 pixels exceeds the limit of 20000" in error.details()
+    )
     # the flag and its environment variable; the default guards the trainer and the server alike
     assert parse_config(["--model", "m.pt", "--max-image-pixels", "100"], environ={}).max_image_pixels == 100
     assert parse_config(["--model", "m.pt"], environ={"BITMOJI_MAX_IMAGE_PIXELS": "7"}).max_image_pixels == 7
@@ -133,8 +147,13 @@ def _unreadable() -> dict[str, bytes]:
     with open("/bin/sh", "rb") as f:
         elf = f.read(4096)
     return {
-        "PDF": pdf.getvalue(), "SVG": svg, "zlib stream": gz, "ELF executable": elf,
-        "PNG signature only": b"\x89PNG\r\n\x1a\n", "JSON": b'{"image": "cat.png"}', "NUL bytes": b"\x00" * 64,
+        "PDF": pdf.getvalue(),
+        "SVG": svg,
+        "zlib stream": gz,
+        "ELF executable": elf,
+        "PNG signature only": b"\x89PNG\r\n\x1a\n",
+        "JSON": b'{"image": "cat.png"}',
+        "NUL bytes": b"\x00" * 64,
     }
 
 
@@ -163,7 +182,11 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(hostile, stub, chan
 
 
 def test_the_clients_default_message_limit_is_the_servers():
-    assert DEFAULT_MAX_MESSAGE_BYTES == ServerConfig(model="m.pt").max_message_bytes == parse_config(["--model", "m"], environ={}).max_message_bytes
+    assert (
+        DEFAULT_MAX_MESSAGE_BYTES
+        == ServerConfig(model="m.pt").max_message_bytes
+        == parse_config(["--model", "m"], environ={}).max_message_bytes
+    )
 
 
 # -- GradientProbe abuse beyond test_server.py's ------------------------------------------
@@ -173,12 +196,21 @@ def test_gradient_probe_refuses_non_finite_and_mismatched_targets(stub):
     image = image_input(small_image(64))
     cases = {
         "NaN target": (pb.GradientProbeRequest(inputs=[image], targets=[float("nan")], loss=pb.LOSS_BCE), "finite"),
-        "infinite mse target": (pb.GradientProbeRequest(inputs=[image], targets=[float("inf")], loss=pb.LOSS_MSE), "finite"),
-        "three targets for two inputs": (pb.GradientProbeRequest(inputs=[image, image], targets=[1, 0, 1]), "3 targets for 2 outputs"),
+        "infinite mse target": (
+            pb.GradientProbeRequest(inputs=[image], targets=[float("inf")], loss=pb.LOSS_MSE),
+            "finite",
+        ),
+        "three targets for two inputs": (
+            pb.GradientProbeRequest(inputs=[image, image], targets=[1, 0, 1]),
+            "3 targets for 2 outputs",
+        ),
         "no targets": (pb.GradientProbeRequest(inputs=[image]), "0 targets"),
         "negative loss enum": (pb.GradientProbeRequest(inputs=[image], targets=[1.0], loss=-3), "unknown loss -3"),
         "too many inputs": (pb.GradientProbeRequest(inputs=[image] * 3, targets=[1.0] * 3), "at most 2"),
-        "a bomb": (pb.GradientProbeRequest(inputs=[image_input(png_bomb(6000, 6000))], targets=[1.0]), "inputs[0]: image too large"),
+        "a bomb": (
+            pb.GradientProbeRequest(inputs=[image_input(png_bomb(6000, 6000))], targets=[1.0]),
+            "inputs[0]: image too large",
+        ),
     }
     for what, (request, message) in cases.items():
         error = rpc_error(stub.GradientProbe, request, timeout=30)
@@ -202,7 +234,9 @@ def tensors(draw) -> pb.Tensor:
         seed = draw(st.integers(0, 2**32 - 1))
         data = draw(st.sampled_from([b"\x00" * n, b"\xff" * n, np.random.default_rng(seed).bytes(n)])) if n > 0 else b""
     else:
-        shape = draw(st.lists(st.one_of(st.integers(-2, 4), st.sampled_from([128, 2**31, 2**62, -(2**63)])), max_size=10))
+        shape = draw(
+            st.lists(st.one_of(st.integers(-2, 4), st.sampled_from([128, 2**31, 2**62, -(2**63)])), max_size=10)
+        )
         data = draw(st.binary(max_size=64))
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
 
@@ -213,7 +247,18 @@ def image_bytes(draw) -> bytes:
     if kind == "random":
         return draw(st.binary(max_size=256))
     if kind == "signature":
-        prefix = draw(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"II*\x00"]))
+        prefix = draw(
+            st.sampled_from(
+                [
+                    b"\x89PNG\r\n\x1a\n",
+                    b"\xff\xd8\xff\xe0",
+                    b"GIF89a",
+                    b"BM",
+                    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+                    b"II*\x00",
+                ]
+            )
+        )
         return prefix + draw(st.binary(max_size=128))
     if kind == "bomb":
         return _BOMB
@@ -270,7 +315,8 @@ def _with_idat(data: bytes, idat: bytes) -> bytes:
     old = _png_chunk(data, b"IDAT")
     start = data.index(b"IDAT") - 4
     chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
-    return data[:start] + chunk + data[start + 12 + len(old):]
+    return data[:start] + chunk + data[start + 12 + len(old) :]
+
 
 inputs = st.one_of(
     st.builds(lambda b: pb.Input(image=b), image_bytes()),
@@ -281,11 +327,20 @@ targets = st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max
 requests = st.one_of(
     st.builds(lambda xs: ("Classify", pb.ClassifyRequest(inputs=xs)), st.lists(inputs, max_size=MAX_ITEMS + 2)),
     st.builds(
-        lambda xs, ts, loss, values, png_: ("GradientProbe", pb.GradientProbeRequest(
-            inputs=xs, targets=ts, loss=loss, include_values=values, include_saliency_png=png_)),
-        st.lists(inputs, max_size=3), targets, st.sampled_from([-1, 0, 1, 2, 3, 1000]), st.booleans(), st.booleans(),
+        lambda xs, ts, loss, values, png_: (
+            "GradientProbe",
+            pb.GradientProbeRequest(inputs=xs, targets=ts, loss=loss, include_values=values, include_saliency_png=png_),
+        ),
+        st.lists(inputs, max_size=3),
+        targets,
+        st.sampled_from([-1, 0, 1, 2, 3, 1000]),
+        st.booleans(),
+        st.booleans(),
     ),
-    st.builds(lambda xs: ("StreamClassify", [pb.ClassifyRequest(inputs=x) for x in xs]), st.lists(st.lists(inputs, max_size=3), min_size=1, max_size=3)),
+    st.builds(
+        lambda xs: ("StreamClassify", [pb.ClassifyRequest(inputs=x) for x in xs]),
+        st.lists(st.lists(inputs, max_size=3), min_size=1, max_size=3),
+    ),
     st.just(("GetModelInfo", pb.GetModelInfoRequest())),
 )
 
@@ -319,8 +374,12 @@ def test_a_thousand_hostile_requests_get_documented_statuses_and_the_server_surv
     counted = {labels: value for (name, labels), value in samples.items() if name == "bitmoji_requests_total" and value}
     # One exception: a stream message over the size limit ends the stream RESOURCE_EXHAUSTED (what the client
     # saw, checked above), but gRPC tells the handler only that it was cancelled.
-    codes = {dict(labels)["code"] for labels in counted if labels != (("code", "CANCELLED"), ("method", "StreamClassify"))}
+    codes = {
+        dict(labels)["code"] for labels in counted if labels != (("code", "CANCELLED"), ("method", "StreamClassify"))
+    }
     assert codes <= {c.name for c in DOCUMENTED}, counted
     assert samples[("bitmoji_queue_depth", ())] == 0 and samples[("bitmoji_inflight_requests", ())] == 0
     log = hostile.output()
-    assert "unexpected error" not in log and "Traceback" not in log and "Warning" not in log, log  # no log flooding either
+    assert "unexpected error" not in log and "Traceback" not in log and "Warning" not in log, (
+        log
+    )  # no log flooding either

@@ -17,18 +17,18 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from bitmoji.client import BitmojiClient, BitmojiError
-from conftest import start_server
-from bitmoji.server.config import ServerConfig, parse_config
-from bitmoji.server.security import PROBE_METHOD, SecurityConfigError, TokenAuthInterceptor, server_credentials, tokens
 from test_hardening_input import small_image
 from test_server import image_input, rpc_error, tensor_input
+
+from bitmoji.client import BitmojiClient, BitmojiError
+from bitmoji.server.config import ServerConfig, parse_config
+from bitmoji.server.security import PROBE_METHOD, SecurityConfigError, TokenAuthInterceptor, server_credentials, tokens
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -47,8 +47,21 @@ def _openssl(*args) -> None:
 
 def _key_and_request(directory: Path, name: str) -> tuple[Path, Path]:
     key, csr = directory / f"{name}.key", directory / f"{name}.csr"
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", key, "-out", csr)
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+    )
     return key, csr
 
 
@@ -56,8 +69,23 @@ def _sign(directory: Path, name: str, ca: str, extensions: str) -> Path:
     key, csr = _key_and_request(directory, name)
     cert, ext = directory / f"{name}.crt", directory / f"{name}.ext"
     ext.write_text(extensions)
-    _openssl("x509", "-req", "-in", csr, "-CA", directory / f"{ca}.crt", "-CAkey", directory / f"{ca}.key", "-CAcreateserial",
-             "-days", "1", "-extfile", ext, "-out", cert)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        directory / f"{ca}.crt",
+        "-CAkey",
+        directory / f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        ext,
+        "-out",
+        cert,
+    )
     return cert
 
 
@@ -66,8 +94,23 @@ def pki(tmp_path_factory) -> Path:
     """A CA; a server certificate for 127.0.0.1 and a client certificate it signed; a second CA and a rogue client of it."""
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "rogue-ca"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-                 "-subj", f"/CN={ca}", "-keyout", d / f"{ca}.key", "-out", d / f"{ca}.crt")
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={ca}",
+            "-keyout",
+            d / f"{ca}.key",
+            "-out",
+            d / f"{ca}.crt",
+        )
     _sign(d, "server", "ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     _sign(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
     _sign(d, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
@@ -83,8 +126,19 @@ def guarded(pki, mlp_model_file, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "token"
     token_file.write_text(TOKEN + "\n")
     server = start_server(
-        mlp_model_file, "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
-        "--auth-token-file", str(token_file), "--metrics-host", "127.0.0.2", "--log-level", "DEBUG", "--max-batch-size", "4",
+        mlp_model_file,
+        "--tls-cert",
+        str(pki / "server.crt"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--auth-token-file",
+        str(token_file),
+        "--metrics-host",
+        "127.0.0.2",
+        "--log-level",
+        "DEBUG",
+        "--max-batch-size",
+        "4",
         env={"BITMOJI_PROBE_TOKEN": PROBE_TOKEN},
     )
     yield server
@@ -96,8 +150,15 @@ def guarded(pki, mlp_model_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mutual(pki, mlp_model_file):
     server = start_server(
-        mlp_model_file, "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
-        "--tls-client-ca", str(pki / "ca.crt"), "--max-batch-size", "4",
+        mlp_model_file,
+        "--tls-cert",
+        str(pki / "server.crt"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--tls-client-ca",
+        str(pki / "ca.crt"),
+        "--max-batch-size",
+        "4",
     )
     yield server
     if server.proc.poll() is None:
@@ -123,7 +184,9 @@ def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(guarded, pki
         assert client.health() == "SERVING"
     for refused in (
         BitmojiClient(guarded.target, token=TOKEN, retries=0, timeout=5),  # plaintext
-        BitmojiClient(guarded.target, tls=True, token=TOKEN, retries=0, timeout=5),  # the system's roots do not know our CA
+        BitmojiClient(
+            guarded.target, tls=True, token=TOKEN, retries=0, timeout=5
+        ),  # the system's roots do not know our CA
     ):
         with refused, pytest.raises(BitmojiError) as info:
             refused.model_info()
@@ -132,19 +195,32 @@ def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(guarded, pki
 
 
 def test_mutual_tls_requires_a_client_certificate_signed_by_the_configured_ca(mutual, pki):
-    with BitmojiClient(mutual.target, root_certificates=read(pki, "ca.crt"), private_key=read(pki, "client.key"),
-                       certificate_chain=read(pki, "client.crt"), timeout=30) as client:
+    with BitmojiClient(
+        mutual.target,
+        root_certificates=read(pki, "ca.crt"),
+        private_key=read(pki, "client.key"),
+        certificate_chain=read(pki, "client.crt"),
+        timeout=30,
+    ) as client:
         assert len(client.classify([small_image(64)])) == 1
     for what, kwargs in {
         "no client certificate": {},
-        "a certificate of another CA": {"private_key": read(pki, "rogue.key"), "certificate_chain": read(pki, "rogue.crt")},
+        "a certificate of another CA": {
+            "private_key": read(pki, "rogue.key"),
+            "certificate_chain": read(pki, "rogue.crt"),
+        },
     }.items():
-        with BitmojiClient(mutual.target, root_certificates=read(pki, "ca.crt"), retries=0, timeout=5, **kwargs) as client:
+        with BitmojiClient(
+            mutual.target, root_certificates=read(pki, "ca.crt"), retries=0, timeout=5, **kwargs
+        ) as client:
             with pytest.raises(BitmojiError) as info:
                 client.model_info()
             assert info.value.code == grpc.StatusCode.UNAVAILABLE, what
     with grpc.insecure_channel(mutual.target) as channel:
-        assert rpc_error(pb_grpc.ClassifierStub(channel).GetModelInfo, pb.GetModelInfoRequest(), timeout=5).code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            rpc_error(pb_grpc.ClassifierStub(channel).GetModelInfo, pb.GetModelInfoRequest(), timeout=5).code()
+            == grpc.StatusCode.UNAVAILABLE
+        )
 
 
 def test_client_cli_takes_client_certificates(mutual, pki):
@@ -171,8 +247,13 @@ def test_calls_without_the_right_token_are_unauthenticated_and_health_stays_open
             ((("x-api-key", TOKEN),), "missing bearer token"),
         ):
             error = rpc_error(stub.Classify, request, metadata=metadata, timeout=10)
-            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and message in error.details(), (metadata, error.details())
-        assert rpc_error(stub.GetModelInfo, pb.GetModelInfoRequest(), timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and message in error.details(), (
+                metadata,
+                error.details(),
+            )
+        assert (
+            rpc_error(stub.GetModelInfo, pb.GetModelInfoRequest(), timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED
+        )
         stream = stub.StreamClassify(iter([request]), timeout=10)
         assert rpc_error(list, stream).code() == grpc.StatusCode.UNAUTHENTICATED
         # reflection describes the API: behind the token too
@@ -182,7 +263,10 @@ def test_calls_without_the_right_token_are_unauthenticated_and_health_stays_open
             ProtoReflectionDescriptorDatabase(channel).get_services()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # health is for load balancers and probes, which send no tokens
-        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         # the right token (or the probe token, which covers everything) gets through
         assert stub.Classify(request, metadata=auth(), timeout=30).model_version
         assert stub.Classify(request, metadata=auth(PROBE_TOKEN), timeout=30).model_version
@@ -200,7 +284,10 @@ def test_gradient_probe_needs_its_own_token(guarded, pki):
         error = rpc_error(stub.GradientProbe, probe, metadata=auth(TOKEN), timeout=30)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "probe token" in error.details()
         assert rpc_error(stub.GradientProbe, probe, timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
-        assert rpc_error(stub.GradientProbe, probe, metadata=auth("nope"), timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            rpc_error(stub.GradientProbe, probe, metadata=auth("nope"), timeout=30).code()
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         assert stub.GradientProbe(probe, metadata=auth(PROBE_TOKEN), timeout=60).parameters
 
 
@@ -220,7 +307,12 @@ def test_token_rules_and_constant_time_comparison():
         (both, "/grpc.health.v1.Health/Check", (), None),
         (both, "/grpc.health.v1.Health/Watch", (), None),
         (both, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (), grpc.StatusCode.UNAUTHENTICATED),
-        (TokenAuthInterceptor("a-token", None), PROBE_METHOD, meta("Bearer a-token"), None),  # no probe token: the normal one
+        (
+            TokenAuthInterceptor("a-token", None),
+            PROBE_METHOD,
+            meta("Bearer a-token"),
+            None,
+        ),  # no probe token: the normal one
         (TokenAuthInterceptor(None, "p-token"), CLASSIFY, (), None),  # only the probe is guarded
         (TokenAuthInterceptor(None, "p-token"), PROBE_METHOD, (), grpc.StatusCode.UNAUTHENTICATED),
     ]
@@ -240,8 +332,13 @@ def _presented(header: str) -> str | None:
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(st.sampled_from(["Bearer ", "bearer ", "BEARER  ", "", "Basic ", "Token "]),
-       st.one_of(st.text(max_size=40), st.sampled_from(["Zq9-secret", " Pr0be-secret ", "Zq9-secre", "Zq9-secret\x00", "Pr0be-secret Zq9-secret"])))
+@given(
+    st.sampled_from(["Bearer ", "bearer ", "BEARER  ", "", "Basic ", "Token "]),
+    st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(["Zq9-secret", " Pr0be-secret ", "Zq9-secre", "Zq9-secret\x00", "Pr0be-secret Zq9-secret"]),
+    ),
+)
 def test_random_authorization_headers_pass_only_with_a_token(scheme, value):
     interceptor = TokenAuthInterceptor("Zq9-secret", "Pr0be-secret")
     header = scheme + value
@@ -257,7 +354,9 @@ def test_token_and_tls_configuration(tmp_path):
 
     assert config([], {"BITMOJI_AUTH_TOKEN": ""}).auth_token is None  # an empty variable means unset
     assert config([], {"BITMOJI_AUTH_TOKEN": "t0k"}).auth_token == "t0k"
-    assert "t0k" not in repr(config(["--auth-token", "t0k", "--probe-token", "pr0"])) and "pr0" not in repr(config(["--probe-token", "pr0"]))
+    assert "t0k" not in repr(config(["--auth-token", "t0k", "--probe-token", "pr0"])) and "pr0" not in repr(
+        config(["--probe-token", "pr0"])
+    )
     token_file = tmp_path / "token"
     token_file.write_text("  from-a-file\n")
     assert tokens(config(["--auth-token-file", str(token_file)])) == ("from-a-file", None)
@@ -287,8 +386,12 @@ def test_a_bad_certificate_path_stops_the_server_before_it_loads_the_model(tmp_p
 
     from bitmoji.server.main import serve
 
-    config = ServerConfig(model=str(tmp_path / "no-model.pt"), tls_cert=str(tmp_path / "none.crt"), tls_key=str(tmp_path / "none.key"))
-    with pytest.raises(SecurityConfigError, match="--tls-key .*none.key"):  # not ModelFileError: the model was not loaded
+    config = ServerConfig(
+        model=str(tmp_path / "no-model.pt"), tls_cert=str(tmp_path / "none.crt"), tls_key=str(tmp_path / "none.key")
+    )
+    with pytest.raises(
+        SecurityConfigError, match="--tls-key .*none.key"
+    ):  # not ModelFileError: the model was not loaded
         asyncio.run(serve(config))
 
 
@@ -369,7 +472,9 @@ def test_logs_never_contain_payloads_or_tokens_even_at_debug(guarded, pki):
             pb.ClassifyRequest(inputs=[image_input(MARKER)]),  # not an image
             pb.ClassifyRequest(inputs=[image_input(b"\x89PNG\r\n\x1a\n" + MARKER * 4)]),  # a broken PNG
             pb.ClassifyRequest(inputs=[image_input(small_image(32)[:60] + MARKER)]),  # truncated, marker inside
-            pb.ClassifyRequest(inputs=[pb.Input(tensor=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[len(MARKER)], data=MARKER))]),
+            pb.ClassifyRequest(
+                inputs=[pb.Input(tensor=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[len(MARKER)], data=MARKER))]
+            ),
             pb.ClassifyRequest(inputs=[tensor_input(torch.zeros(3, 128, 128))]),  # fine
         ]
         for request in hostile:

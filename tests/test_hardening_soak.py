@@ -12,9 +12,28 @@ from conftest import ROOT
 def test_soak_smoke(mlp_model_file, tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--model", str(mlp_model_file), "--duration", "2", "--concurrency", "4",
-         "--interval", "0.5", "--warmup", "0.5", "--json", str(out), "--server-arg=--max-batch-size=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "bench.soak",
+            "--model",
+            str(mlp_model_file),
+            "--duration",
+            "2",
+            "--concurrency",
+            "4",
+            "--interval",
+            "0.5",
+            "--warmup",
+            "0.5",
+            "--json",
+            str(out),
+            "--server-arg=--max-batch-size=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "server RSS" in run.stdout and "PASS" in run.stdout, run.stdout

@@ -16,25 +16,27 @@ from __future__ import annotations
 import sys
 
 if "inference.grpc_service_pb2" in sys.modules:  # pragma: no cover - a test elsewhere imported bitmoji.server.kserve
-    raise ImportError("the server's inference stubs are loaded in this process; tritonclient's cannot be (see the docstring)")
+    raise ImportError(
+        "the server's inference stubs are loaded in this process; tritonclient's cannot be (see the docstring)"
+    )
 
 import grpc
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
+from conftest import start_server
 from grpc_health.v1 import health_pb2
+from test_server import health_status, image_input, sample, scrape, synthetic_images, tensor_input
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from conftest import start_server
-from bitmoji.server.config import parse_config
-from test_server import health_status, image_input, sample, scrape, synthetic_images, tensor_input
 from bitmoji.core.modelfile import load_model
 from bitmoji.core.preprocess import load_image, to_model_input
+from bitmoji.server.config import parse_config
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 MODEL = "bitmoji-cnn"
 KSERVE = "inference.GRPCInferenceService"
@@ -149,7 +151,11 @@ def test_model_metadata_describes_every_input_and_output(client, loaded):
     assert metadata["platform"] == "pytorch_torchscript"
     tensors = lambda key: [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata[key]]  # noqa: E731
     assert tensors("inputs") == [("image", "FP32", [-1, 3, 128, 128]), ("image_bytes", "BYTES", [-1])]
-    assert tensors("outputs") == [("logits", "FP32", [-1, 1]), ("probabilities", "FP32", [-1, 1]), ("labels", "BYTES", [-1, 1])]
+    assert tensors("outputs") == [
+        ("logits", "FP32", [-1, 1]),
+        ("probabilities", "FP32", [-1, 1]),
+        ("labels", "BYTES", [-1, 1]),
+    ]
 
 
 def test_reflection_lists_the_service(channel):
@@ -204,15 +210,22 @@ def test_typed_contents_equal_raw_contents(channel, client):
 # -- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: fp32_input(np.zeros((1, 3, 128, 128), np.float32), name="pixels"), ["unknown input 'pixels'", "image", "image_bytes"]),
-    (lambda: fp32_input(np.zeros((1, 3, 64, 64), np.float32)), ["shape [1, 3, 64, 64]", "[-1, 3, 128, 128]"]),
-    (lambda: fp32_input(np.zeros((3, 128, 128), np.float32)), ["shape [3, 128, 128]"]),
-    (lambda: _typed(np.zeros((1, 3, 128, 128), np.float64), "FP64"), ["datatype FP64", "FP32"]),
-    (lambda: bytes_input([b"not an image"]), ["image_bytes[0]"]),
-    (lambda: fp32_input(np.full((1, 3, 128, 128), np.nan, np.float32)), ["image[0]", "NaN"]),
-    (lambda: bytes_input(synthetic_images(17, seed=15)), ["too many inputs: 17", "16"]),
-], ids=["name", "shape", "no-batch-dim", "datatype", "undecodable", "nan", "too-many"])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (
+            lambda: fp32_input(np.zeros((1, 3, 128, 128), np.float32), name="pixels"),
+            ["unknown input 'pixels'", "image", "image_bytes"],
+        ),
+        (lambda: fp32_input(np.zeros((1, 3, 64, 64), np.float32)), ["shape [1, 3, 64, 64]", "[-1, 3, 128, 128]"]),
+        (lambda: fp32_input(np.zeros((3, 128, 128), np.float32)), ["shape [3, 128, 128]"]),
+        (lambda: _typed(np.zeros((1, 3, 128, 128), np.float64), "FP64"), ["datatype FP64", "FP32"]),
+        (lambda: bytes_input([b"not an image"]), ["image_bytes[0]"]),
+        (lambda: fp32_input(np.full((1, 3, 128, 128), np.nan, np.float32)), ["image[0]", "NaN"]),
+        (lambda: bytes_input(synthetic_images(17, seed=15)), ["too many inputs: 17", "16"]),
+    ],
+    ids=["name", "shape", "no-batch-dim", "datatype", "undecodable", "nan", "too-many"],
+)
 def test_bad_inputs_are_invalid_argument(client, make, words):
     error = refused(infer, client, make())
     assert error.status() == "StatusCode.INVALID_ARGUMENT", error
@@ -231,12 +244,19 @@ def test_unknown_output_is_invalid_argument(client):
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "unknown output 'embedding'" in error.message()
 
 
-@pytest.mark.parametrize("build, words", [
-    (lambda r: r.raw_input_contents.append(b"\0" * 4), ["needs 196608"]),  # one float for a [1, 3, 128, 128] tensor
-    (lambda r: r.raw_input_contents.extend([b"\0" * 196608, b""]), ["2 entries for 1 input"]),
-    (lambda r: (r.inputs[0].contents.fp32_contents.append(0.0), r.raw_input_contents.append(b"\0" * 196608)), ["not both"]),
-    (lambda r: r.inputs[0].contents.fp32_contents.extend([0.0] * 10), ["10 values"]),
-], ids=["raw-size", "raw-count", "both", "contents-size"])
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda r: r.raw_input_contents.append(b"\0" * 4), ["needs 196608"]),  # one float for a [1, 3, 128, 128] tensor
+        (lambda r: r.raw_input_contents.extend([b"\0" * 196608, b""]), ["2 entries for 1 input"]),
+        (
+            lambda r: (r.inputs[0].contents.fp32_contents.append(0.0), r.raw_input_contents.append(b"\0" * 196608)),
+            ["not both"],
+        ),
+        (lambda r: r.inputs[0].contents.fp32_contents.extend([0.0] * 10), ["10 values"]),
+    ],
+    ids=["raw-size", "raw-count", "both", "contents-size"],
+)
 def test_contents_that_contradict_the_shape_are_invalid_argument(channel, build, words):
     request = tpb.ModelInferRequest(model_name=MODEL)
     request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 128, 128])

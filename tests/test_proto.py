@@ -17,8 +17,16 @@ PROTOS = {
 @pytest.mark.parametrize("proto", sorted(PROTOS))
 def test_committed_stubs_match_the_proto(tmp_path, proto):
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", str(ROOT / "proto" / proto)],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(ROOT / "proto" / proto),
+        ],
         check=True,
     )
     folder = Path(proto).parent

@@ -17,19 +17,24 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from conftest import start_server
 from bitmoji.core.gradients import gradient_probe
 from bitmoji.core.modelfile import load_model
 from bitmoji.core.preprocess import load_image, to_model_input
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-NUMPY_DTYPES = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8", pb.DATA_TYPE_FLOAT16: "<f2", pb.DATA_TYPE_UINT8: "u1"}
+NUMPY_DTYPES = {
+    pb.DATA_TYPE_FLOAT32: "<f4",
+    pb.DATA_TYPE_FLOAT64: "<f8",
+    pb.DATA_TYPE_FLOAT16: "<f2",
+    pb.DATA_TYPE_UINT8: "u1",
+}
 
 # -- helpers (also used by test_server_*.py) ------------------------------------
 
@@ -108,8 +113,17 @@ def expected_logits(module, inputs: torch.Tensor) -> list[float]:
 @pytest.fixture(scope="module")
 def cnn(cnn_model_file):
     # --optimize on: every test here runs Classify on the frozen, optimized copy and GradientProbe on the module as loaded
-    server = start_server(cnn_model_file, "--max-batch-delay-ms", "20", "--max-items-per-call", "64", "--max-probe-inputs", "4",
-                          "--optimize", "on")
+    server = start_server(
+        cnn_model_file,
+        "--max-batch-delay-ms",
+        "20",
+        "--max-items-per-call",
+        "64",
+        "--max-probe-inputs",
+        "4",
+        "--optimize",
+        "on",
+    )
     yield server
     assert server.stop() == 0, server.output()
 
@@ -154,7 +168,10 @@ def test_image_predictions_equal_in_process_torchscript(stub, cnn_loaded):
 
 @pytest.mark.real_data
 def test_real_images_predictions_equal_in_process_torchscript(stub, cnn_loaded, real_data):
-    paths = sorted((real_data / "valid" / "tom").glob("*.png"))[:3] + sorted((real_data / "valid" / "not_tom").glob("*.png"))[:3]
+    paths = (
+        sorted((real_data / "valid" / "tom").glob("*.png"))[:3]
+        + sorted((real_data / "valid" / "not_tom").glob("*.png"))[:3]
+    )
     paths += sorted((real_data / "unseen").iterdir())
     images = [p.read_bytes() for p in paths if p.is_file()]
     response = stub.Classify(pb.ClassifyRequest(inputs=[image_input(b) for b in images]), timeout=30)
@@ -175,8 +192,12 @@ def test_raw_tensor_predictions_equal_in_process_torchscript(stub, cnn_loaded):
     response = stub.Classify(pb.ClassifyRequest(inputs=inputs), timeout=30)
     _assert_predictions(response, expected_logits(cnn_loaded.module, expected_inputs), cnn_loaded)
     # one call mixing image bytes and tensors (one batch, mixed dtypes) answers in request order
-    mixed = stub.Classify(pb.ClassifyRequest(inputs=[inputs[1], image_input(synthetic_images(1, seed=1)[0]), inputs[0]]), timeout=30)
-    assert [p.logit for p in mixed.predictions] == pytest.approx([response.predictions[i].logit for i in (1, 0, 0)], abs=1e-4)
+    mixed = stub.Classify(
+        pb.ClassifyRequest(inputs=[inputs[1], image_input(synthetic_images(1, seed=1)[0]), inputs[0]]), timeout=30
+    )
+    assert [p.logit for p in mixed.predictions] == pytest.approx(
+        [response.predictions[i].logit for i in (1, 0, 0)], abs=1e-4
+    )
 
 
 def test_concurrent_calls_are_batched_and_each_caller_gets_its_own_answers(cnn, stub, cnn_loaded):
@@ -202,7 +223,9 @@ def test_concurrent_calls_are_batched_and_each_caller_gets_its_own_answers(cnn, 
     after = scrape(cnn)
     batches = sample(after, "bitmoji_batch_size_count") - sample(before, "bitmoji_batch_size_count")
     items = sample(after, "bitmoji_batch_size_sum") - sample(before, "bitmoji_batch_size_sum")
-    singles = sample(after, "bitmoji_batch_size_bucket", le="1.0") - sample(before, "bitmoji_batch_size_bucket", le="1.0")
+    singles = sample(after, "bitmoji_batch_size_bucket", le="1.0") - sample(
+        before, "bitmoji_batch_size_bucket", le="1.0"
+    )
     assert items == threads * calls_each
     assert batches < items and singles < batches, f"{items} items in {batches} batches ({singles} of one): no batching"
 
@@ -240,12 +263,21 @@ def _bad_requests() -> dict[str, tuple[pb.ClassifyRequest, str]]:
         return pb.ClassifyRequest(inputs=list(inputs))
 
     return {
-        "corrupt image": (call(image_input(good), image_input(good[: len(good) // 2])), "inputs[1]: corrupt or truncated image"),
+        "corrupt image": (
+            call(image_input(good), image_input(good[: len(good) // 2])),
+            "inputs[1]: corrupt or truncated image",
+        ),
         "zero bytes": (call(image_input(b"")), "inputs[0]: empty image (0 bytes)"),
-        "not an image": (call(image_input(good), image_input(good), image_input(b"GIF? no, text")), "inputs[2]: not an image"),
+        "not an image": (
+            call(image_input(good), image_input(good), image_input(b"GIF? no, text")),
+            "inputs[2]: not an image",
+        ),
         "empty request": (call(), "empty request"),
         "empty input": (call(pb.Input()), "inputs[0]: empty input"),
-        "wrong shape": (call(tensor_input(torch.rand(3, 64, 64))), "inputs[0]: tensor shape [3, 64, 64] does not match"),
+        "wrong shape": (
+            call(tensor_input(torch.rand(3, 64, 64))),
+            "inputs[0]: tensor shape [3, 64, 64] does not match",
+        ),
         "no dtype": (call(no_dtype), "inputs[0]: unsupported tensor dtype DATA_TYPE_UNSPECIFIED"),
         "wrong byte length": (call(tensor_input(x), wrong_length), "inputs[1]: tensor data has 196604 bytes"),
         "NaN": (call(tensor_input(nan)), "inputs[0]: tensor contains NaN"),
@@ -261,7 +293,10 @@ def test_malformed_inputs_get_invalid_argument_naming_the_item_and_the_server_ke
         assert error.code() == INVALID, f"{what}: {error.code()} {error.details()}"
         assert message in error.details(), f"{what}: {error.details()!r}"
     assert health_status(cnn_channel) == health_pb2.HealthCheckResponse.SERVING
-    assert len(stub.Classify(pb.ClassifyRequest(inputs=[image_input(synthetic_images(1)[0])]), timeout=30).predictions) == 1
+    assert (
+        len(stub.Classify(pb.ClassifyRequest(inputs=[image_input(synthetic_images(1)[0])]), timeout=30).predictions)
+        == 1
+    )
     after = scrape(cnn)
     delta = sample(after, "bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT") - sample(
         before, "bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT"
@@ -336,14 +371,20 @@ def test_health_serving_for_the_server_and_the_service(cnn_channel):
 
 
 def test_unknown_method_is_unimplemented(cnn_channel):
-    call = cnn_channel.unary_unary("/bitmoji.v1.Classifier/Nope", request_serializer=lambda _: b"", response_deserializer=bytes)
+    call = cnn_channel.unary_unary(
+        "/bitmoji.v1.Classifier/Nope", request_serializer=lambda _: b"", response_deserializer=bytes
+    )
     assert rpc_error(call, None, timeout=10).code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_gradient_probe_on_the_cnn_equals_in_process_autograd(stub, cnn_loaded):
     images = synthetic_images(2, seed=5)
     request = pb.GradientProbeRequest(
-        inputs=[image_input(b) for b in images], targets=[1.0, 0.0], loss=pb.LOSS_BCE, include_values=True, include_saliency_png=True
+        inputs=[image_input(b) for b in images],
+        targets=[1.0, 0.0],
+        loss=pb.LOSS_BCE,
+        include_values=True,
+        include_saliency_png=True,
     )
     response = stub.GradientProbe(request, timeout=60)
     x = to_model_input(torch.stack([load_image(b) for b in images]))
@@ -378,7 +419,10 @@ def test_gradient_probe_refuses_bad_requests(stub):
         "too many inputs": (pb.GradientProbeRequest(inputs=[image] * 5, targets=[1.0] * 5), "at most 4"),
         "no inputs": (pb.GradientProbeRequest(), "empty request"),
         "unknown loss": (pb.GradientProbeRequest(inputs=[image], targets=[1.0], loss=7), "unknown loss"),
-        "corrupt image": (pb.GradientProbeRequest(inputs=[image, image_input(b"junk")], targets=[1.0, 0.0]), "inputs[1]"),
+        "corrupt image": (
+            pb.GradientProbeRequest(inputs=[image, image_input(b"junk")], targets=[1.0, 0.0]),
+            "inputs[1]",
+        ),
     }
     for what, (request, message) in cases.items():
         error = rpc_error(stub.GradientProbe, request, timeout=30)

@@ -14,14 +14,14 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import start_server
 from grpc_health.v1 import health_pb2
+from test_server import health_status, rpc_error, sample, scrape, tensor_input
 from torch import nn
 
+from bitmoji.core import modelfile
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from conftest import start_server
-from test_server import health_status, rpc_error, sample, scrape, tensor_input
-from bitmoji.core import modelfile
 
 SLOW_S = 0.8
 
@@ -44,7 +44,9 @@ class FaultyNet(nn.Module):
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "faulty.pt"
-    modelfile.export_torchscript(FaultyNet(), path, {"model_version": "faulty-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]]))
+    modelfile.export_torchscript(
+        FaultyNet(), path, {"model_version": "faulty-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]])
+    )
     module = modelfile.load_model(path).module
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server will run it
@@ -55,8 +57,20 @@ def faulty(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     server = start_server(
-        path, "--max-batch-size", "1", "--max-queue", "2", "--max-items-per-call", "2", "--max-batch-delay-ms", "0",
-        "--torch-threads", "1", "--decode-workers", "1", "--disable-gradient-probe",
+        path,
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "2",
+        "--max-items-per-call",
+        "2",
+        "--max-batch-delay-ms",
+        "0",
+        "--torch-threads",
+        "1",
+        "--decode-workers",
+        "1",
+        "--disable-gradient-probe",
     )
     server.iterations = iterations
     yield server
@@ -136,8 +150,13 @@ def test_items_of_expired_and_cancelled_calls_are_dropped_before_the_model(fault
     def delta(samples, name, **labels):
         return sample(samples, name, **labels) - sample(before, name, **labels)
 
-    after = wait_until(faulty, lambda s: delta(s, "bitmoji_items_dropped_total", reason="deadline") == 1
-                       and delta(s, "bitmoji_items_dropped_total", reason="cancelled") == 1)
+    after = wait_until(
+        faulty,
+        lambda s: (
+            delta(s, "bitmoji_items_dropped_total", reason="deadline") == 1
+            and delta(s, "bitmoji_items_dropped_total", reason="cancelled") == 1
+        ),
+    )
     assert delta(after, "bitmoji_items_total") == 1  # only the blocker reached the model
     assert delta(after, "bitmoji_requests_total", method="Classify", code="DEADLINE_EXCEEDED") == 1
     assert delta(after, "bitmoji_requests_total", method="Classify", code="CANCELLED") == 1
@@ -156,7 +175,11 @@ def test_forward_exception_fails_only_its_batch_and_the_server_keeps_serving(fau
 
 
 def test_disabled_gradient_probe_is_unimplemented(stub):
-    error = rpc_error(stub.GradientProbe, pb.GradientProbeRequest(inputs=[tensor_input(torch.tensor([1.0, 0.0]))], targets=[1.0]), timeout=30)
+    error = rpc_error(
+        stub.GradientProbe,
+        pb.GradientProbeRequest(inputs=[tensor_input(torch.tensor([1.0, 0.0]))], targets=[1.0]),
+        timeout=30,
+    )
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "disabled" in error.details()
     assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).gradient_probe_enabled is False
 

@@ -11,13 +11,13 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import free_port, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server import from_proto, image_input, rpc_error, synthetic_images, tensor_input
 
+from bitmoji.core.modelfile import load_model
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
-from conftest import free_port, start_server
-from test_server import from_proto, image_input, rpc_error, synthetic_images, tensor_input
-from bitmoji.core.modelfile import load_model
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,9 +40,15 @@ class HealthWatcher(threading.Thread):
 
     def run(self):
         # retry the connection often: the server opens its port only after its imports
-        options = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 100)]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 100),
+        ]
         with grpc.insecure_channel(self.target, options=options) as channel:
-            stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True, timeout=120)
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), wait_for_ready=True, timeout=120
+            )
             try:
                 for response in stream:
                     with self.changed:
@@ -53,7 +59,9 @@ class HealthWatcher(threading.Thread):
 
     def wait_for(self, status: int, timeout: float = 30) -> None:
         with self.changed:
-            assert self.changed.wait_for(lambda: status in self.statuses, timeout), f"never saw {status}: {self.statuses}"
+            assert self.changed.wait_for(lambda: status in self.statuses, timeout), (
+                f"never saw {status}: {self.statuses}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,9 @@ def test_health_is_not_serving_until_warm_then_serving(toy):
 
 
 def test_gradient_probe_reproduces_the_lectures_hand_computed_gradients(toy_stub):
-    request = pb.GradientProbeRequest(inputs=[tensor_input(torch.tensor([1.0]))], targets=[3.0], loss=pb.LOSS_MSE, include_values=True)
+    request = pb.GradientProbeRequest(
+        inputs=[tensor_input(torch.tensor([1.0]))], targets=[3.0], loss=pb.LOSS_MSE, include_values=True
+    )
     response = toy_stub.GradientProbe(request, timeout=30)
     got = {p.name: from_proto(p.values) for p in response.parameters}
     assert set(got) == set(LECTURE_GRADIENTS)
@@ -115,7 +125,9 @@ def test_classify_raw_tensors_on_a_model_without_metadata(toy_stub, toy_model_fi
 
 def test_images_are_refused_by_a_model_without_image_preprocessing(toy_stub):
     error = rpc_error(toy_stub.Classify, pb.ClassifyRequest(inputs=[image_input(synthetic_images(1)[0])]), timeout=30)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs[0]: this model takes no images" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs[0]: this model takes no images" in error.details()
+    )
 
 
 def test_model_info_without_metadata(toy_stub):

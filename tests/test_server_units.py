@@ -10,24 +10,33 @@ import time
 
 import pytest
 import torch
+from conftest import export_test_model
 from torch import nn
 
+from bitmoji.core import modelfile
 from bitmoji.server.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
 from bitmoji.server.config import ServerConfig, parse_config
 from bitmoji.server.inputs import InputError
 from bitmoji.server.metrics import Metrics
 from bitmoji.server.model import ServedModel
-from bitmoji.core import modelfile
-
-from conftest import export_test_model
 
 # -- configuration ----------------------------------------------------------------
 
 
 def test_flags_environment_and_defaults():
-    env = {"BITMOJI_MODEL": "m.pt", "BITMOJI_MAX_BATCH_SIZE": "8", "BITMOJI_MAX_BATCH_DELAY_MS": "0.5", "BITMOJI_DISABLE_GRADIENT_PROBE": "1"}
+    env = {
+        "BITMOJI_MODEL": "m.pt",
+        "BITMOJI_MAX_BATCH_SIZE": "8",
+        "BITMOJI_MAX_BATCH_DELAY_MS": "0.5",
+        "BITMOJI_DISABLE_GRADIENT_PROBE": "1",
+    }
     config = parse_config([], environ=env)
-    assert (config.model, config.max_batch_size, config.max_batch_delay_ms, config.gradient_probe) == ("m.pt", 8, 0.5, False)
+    assert (config.model, config.max_batch_size, config.max_batch_delay_ms, config.gradient_probe) == (
+        "m.pt",
+        8,
+        0.5,
+        False,
+    )
     assert config.port == 50051 and config.metrics_port == 9464 and config.host == "127.0.0.1"
     config = parse_config(["--model", "x.pt", "--max-batch-size", "16", "--input-shape", "3,64,64"], environ=env)
     assert (config.model, config.max_batch_size, config.input_shape) == ("x.pt", 16, (3, 64, 64))  # flags win
@@ -73,7 +82,9 @@ class SumNet(nn.Module):
 
 
 def served(tmp_path, scale: float = 1.0) -> ServedModel:
-    path = modelfile.export_torchscript(SumNet(scale), tmp_path / f"sum{scale}.pt", {"model_version": f"sum-{scale}"}, torch.ones(2, 3))
+    path = modelfile.export_torchscript(
+        SumNet(scale), tmp_path / f"sum{scale}.pt", {"model_version": f"sum-{scale}"}, torch.ones(2, 3)
+    )
     return ServedModel.create(modelfile.load_model(path), max_pixels=1 << 20)
 
 
@@ -171,7 +182,10 @@ def test_a_big_call_is_split_into_batches_and_items_of_other_shapes_never_share_
 
     (results, _), metrics = run_batcher(served(tmp_path), scenario, max_batch_size=4, threads=threads)
     assert logits(results) == [2.0, 4.0, 6.0, 8.0, 10.0, 3.0, 12.0]
-    sizes = metrics.registry.get_sample_value("bitmoji_batch_size_sum"), metrics.registry.get_sample_value("bitmoji_batch_size_count")
+    sizes = (
+        metrics.registry.get_sample_value("bitmoji_batch_size_sum"),
+        metrics.registry.get_sample_value("bitmoji_batch_size_count"),
+    )
     assert sizes == (7, 3)  # [1 2 3 4] then [5 6] and the one of shape (3,)
 
 
@@ -274,7 +288,9 @@ def test_optimize_on_serves_a_frozen_copy_with_the_same_logits_and_probes_keep_t
 
     plain = _served_cnn(cnn_model_file)
     fast, why = plain.optimized(8, "on")
-    assert why.startswith("optimized (--optimize on") and fast.forward_module is not None and plain.forward_module is None
+    assert (
+        why.startswith("optimized (--optimize on") and fast.forward_module is not None and plain.forward_module is None
+    )
     assert not list(fast.forward_module.parameters())  # frozen: weights are constants now
     batch = _images(5)
     want, got = torch.tensor(plain.predict(batch)), torch.tensor(fast.predict(batch))
@@ -291,7 +307,9 @@ def test_optimize_auto_keeps_whichever_module_it_picks_exact(cnn_model_file):
     assert why.startswith(("optimized (batch 4:", "as loaded (optimized copy not faster: batch 4:")), why
     assert (chosen.forward_module is not None) == why.startswith("optimized")
     batch = _images(3, seed=2)
-    torch.testing.assert_close(torch.tensor(chosen.predict(batch)), torch.tensor(plain.predict(batch)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(chosen.predict(batch)), torch.tensor(plain.predict(batch)), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_optimize_off_or_no_declared_shape_keeps_the_module_as_loaded(cnn_model_file, tmp_path):
@@ -304,11 +322,15 @@ def test_optimize_off_or_no_declared_shape_keeps_the_module_as_loaded(cnn_model_
         plain.optimized(4, "fast")
 
 
-def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_served(cnn_model_file, tmp_path, monkeypatch):
+def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_served(
+    cnn_model_file, tmp_path, monkeypatch
+):
     import bitmoji.server.model
 
     plain = _served_cnn(cnn_model_file)
-    other = modelfile.load_model(export_test_model("cnn", tmp_path / "other.pt", seed=7)).module  # other weights: other logits
+    other = modelfile.load_model(
+        export_test_model("cnn", tmp_path / "other.pt", seed=7)
+    ).module  # other weights: other logits
     monkeypatch.setattr(bitmoji.server.model, "optimize_for_inference", lambda module: other)
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (the optimized copy's logits differ by up to")

@@ -123,10 +123,12 @@ def _fit_logistic(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -
 def test_mean_colour_is_not_a_cue(tmp_path):
     out = synth.generate(tmp_path / "d", n_train=200, n_valid=2, seed=11, progress=False)
     means = {
-        name: np.array([
-            np.asarray(Image.open(p), dtype=np.float64).reshape(-1, 3).mean(0)
-            for p in sorted((out / "train" / name).glob("*.png"))
-        ])
+        name: np.array(
+            [
+                np.asarray(Image.open(p), dtype=np.float64).reshape(-1, 3).mean(0)
+                for p in sorted((out / "train" / name).glob("*.png"))
+            ]
+        )
         for name in synth.CLASSES
     }
     features = np.concatenate([means["eva"], means["not_eva"]])

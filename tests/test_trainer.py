@@ -19,7 +19,9 @@ def small_synth(tmp_path_factory):
 
 
 def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
-    result = fit(TrainConfig(data=str(small_synth), out=str(tmp_path), arch="cnn", epochs=2, batch_size=16, progress=False))
+    result = fit(
+        TrainConfig(data=str(small_synth), out=str(tmp_path), arch="cnn", epochs=2, batch_size=16, progress=False)
+    )
     for name in ("model.pt", "history.json", "history.csv", "curves.png", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     history = json.loads((tmp_path / "history.json").read_text())
@@ -38,7 +40,10 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
     # unfrozen: gradients can still be taken through the served module
     assert all(p.requires_grad for p in loaded.module.parameters())
 
-    files = sorted((small_synth / "valid" / "eva").glob("*.png"))[:3] + sorted((small_synth / "valid" / "not_eva").glob("*.png"))[:3]
+    files = (
+        sorted((small_synth / "valid" / "eva").glob("*.png"))[:3]
+        + sorted((small_synth / "valid" / "not_eva").glob("*.png"))[:3]
+    )
     predictions = predict_files(loaded, files)
     # the exported file reproduces the eager model that fit() returned... which is restored-best: compare via valid accuracy
     assert len(predictions) == 6 and all(p.label in ("eva", "not_eva") for p in predictions)
@@ -47,8 +52,16 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
 
 
 def test_same_seed_same_history(small_synth, tmp_path):
-    a = fit(TrainConfig(data=str(small_synth), out=str(tmp_path / "a"), arch="mlp", epochs=2, batch_size=16, seed=7, progress=False))
-    b = fit(TrainConfig(data=str(small_synth), out=str(tmp_path / "b"), arch="mlp", epochs=2, batch_size=16, seed=7, progress=False))
+    a = fit(
+        TrainConfig(
+            data=str(small_synth), out=str(tmp_path / "a"), arch="mlp", epochs=2, batch_size=16, seed=7, progress=False
+        )
+    )
+    b = fit(
+        TrainConfig(
+            data=str(small_synth), out=str(tmp_path / "b"), arch="mlp", epochs=2, batch_size=16, seed=7, progress=False
+        )
+    )
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
 
@@ -67,7 +80,18 @@ def test_resume_equals_uninterrupted_run(small_synth, tmp_path):
 
 def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
     # a huge learning rate makes the valid loss bounce; patience 1 stops at the first bad epoch
-    result = fit(TrainConfig(data=str(small_synth), out=str(tmp_path), arch="mlp", epochs=15, lr=0.05, batch_size=16, patience=1, progress=False))
+    result = fit(
+        TrainConfig(
+            data=str(small_synth),
+            out=str(tmp_path),
+            arch="mlp",
+            epochs=15,
+            lr=0.05,
+            batch_size=16,
+            patience=1,
+            progress=False,
+        )
+    )
     assert len(result.history) < 15 and "early stop" in result.stop_reason
     best = min(result.history, key=lambda row: row["valid_loss"])
     assert result.best_epoch == best["epoch"]
@@ -75,13 +99,28 @@ def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
 
 
 def test_cli_synth_fit_predict(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "bitmoji.trainer", *args], capture_output=True, text=True, timeout=300)  # noqa: E731
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "bitmoji.trainer", *args], capture_output=True, text=True, timeout=300
+    )  # noqa: E731
     r = run("synth", "--out", str(tmp_path / "d"), "--n-train", "16", "--n-valid", "8")
     assert r.returncode == 0, r.stderr
-    r = run("fit", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "8", "--no-progress")
+    r = run(
+        "fit",
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "o"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert "Epoch 1: Train Loss" in r.stdout and "Valid Accuracy" in r.stdout
-    assert "FutureWarning" not in r.stderr and "deprecated" not in r.stderr  # TorchScript's warnings stay out of users' faces
+    assert (
+        "FutureWarning" not in r.stderr and "deprecated" not in r.stderr
+    )  # TorchScript's warnings stay out of users' faces
     image = sorted((tmp_path / "d" / "valid" / "eva").glob("*.png"))[0]
     r = run("predict", "--model", str(tmp_path / "o" / "model.pt"), str(image), "--plot", str(tmp_path / "p.png"))
     assert r.returncode == 0, r.stderr
@@ -94,7 +133,9 @@ def test_cli_synth_fit_predict(tmp_path):
 def test_real_data_short_mlp_beats_chance(real_data, tmp_path):
     # The lecture's MLP and defaults (Adam, lr 1e-4, batch 64) crawl off chance for ~4 epochs, then reach
     # 0.60-0.65 (the lecture reports 0.60-0.67). 0.57 on 200 balanced images is 2 sigma above chance.
-    result = fit(TrainConfig(data=str(real_data), out=str(tmp_path), arch="mlp", epochs=8, seed=0, threads=2, progress=False))
+    result = fit(
+        TrainConfig(data=str(real_data), out=str(tmp_path), arch="mlp", epochs=8, seed=0, threads=2, progress=False)
+    )
     best = result.metadata["metrics"]["best"]
     assert best["valid_accuracy"] > 0.57, best
 

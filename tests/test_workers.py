@@ -12,16 +12,16 @@ import time
 import grpc
 import pytest
 import torch
-
-from bitmoji.v1 import classifier_pb2 as pb
-from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 from conftest import ROOT
+from test_server import image_input, sample, scrape, synthetic_images
+
+from bitmoji.core.modelfile import load_model
+from bitmoji.core.preprocess import load_image, to_model_input
 from bitmoji.server.config import ServerConfig, parse_config
 from bitmoji.server.main import default_torch_threads
 from bitmoji.server.workers import Supervisor, worker_cores
-from test_server import image_input, sample, scrape, synthetic_images
-from bitmoji.core.modelfile import load_model
-from bitmoji.core.preprocess import load_image, to_model_input
+from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 
 def _children(pid: int) -> list[int]:
@@ -120,8 +120,23 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a model")
     result = subprocess.run(
-        [sys.executable, "-m", "bitmoji.server", "--model", str(bad), "--port", "0", "--metrics-port", "0", "--workers", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "bitmoji.server",
+            "--model",
+            str(bad),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1, result.stderr
     assert "worker 1: error:" in result.stderr or "worker 2: error:" in result.stderr

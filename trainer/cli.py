@@ -15,23 +15,41 @@ def _fit_parser(sub) -> None:
     p.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-4 for mlp as the lecture, 2e-3 for cnn)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 1e-4 for mlp as the lecture, 2e-3 for cnn)"
+    )
     p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     p.add_argument("--schedule", choices=["none", "cosine"], default="none", help="learning-rate schedule")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="flip/shift/jitter (default: on for cnn)")
+    p.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=None, help="flip/shift/jitter (default: on for cnn)"
+    )
     p.add_argument("--clip-grad-norm", type=float, default=None)
-    p.add_argument("--early-stopping", choices=RULES, default="best", help="lecture: valid loss rose PATIENCE epochs in a row; best: no improvement by MIN_DELTA for PATIENCE epochs")
+    p.add_argument(
+        "--early-stopping",
+        choices=RULES,
+        default="best",
+        help="lecture: valid loss rose PATIENCE epochs in a row; best: no improvement by MIN_DELTA for PATIENCE epochs",
+    )
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--min-delta", type=float, default=0.0)
-    p.add_argument("--no-restore-best", dest="restore_best", action="store_false", help="export the last epoch's weights, not the best")
-    p.add_argument("--positive-class", default=None, help="class that probability refers to (default: the one not named not_*)")
+    p.add_argument(
+        "--no-restore-best",
+        dest="restore_best",
+        action="store_false",
+        help="export the last epoch's weights, not the best",
+    )
+    p.add_argument(
+        "--positive-class", default=None, help="class that probability refers to (default: the one not named not_*)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (epoch lines still print)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars (epoch lines still print)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bitmoji.core.device import DeviceError
-    from bitmoji.trainer.data import DataError
     from bitmoji.core.modelfile import ModelFileError
     from bitmoji.core.preprocess import ImageError
+    from bitmoji.trainer.data import DataError
     from bitmoji.trainer.train import TrainingError
 
     try:
@@ -69,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             fit(TrainConfig(**fields))
         else:
+            from bitmoji.core.device import resolve_device
             from bitmoji.core.modelfile import load_model
             from bitmoji.trainer.predict import plot_predictions, predict_files
-            from bitmoji.core.device import resolve_device
 
             model = load_model(args.model, resolve_device(args.device))
             predictions = predict_files(model, args.images)

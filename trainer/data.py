@@ -57,7 +57,9 @@ def choose_positive_class(class_names: list[str], positive_class: str | None = N
 def _check_split_folder(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
-        raise DataError(f"{folder}: missing folder (a data folder holds train/ and valid/, each with one sub-folder per class)")
+        raise DataError(
+            f"{folder}: missing folder (a data folder holds train/ and valid/, each with one sub-folder per class)"
+        )
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) != 2:
         raise DataError(f"{folder}: expected exactly two class folders, found {len(classes)}: {classes}")
@@ -67,11 +69,15 @@ def _check_split_folder(root: Path, split: str) -> list[str]:
     return classes
 
 
-def load_split(root: Path, split: str, positive_class: str | None = None, size=IMAGE_SIZE, progress: bool = True) -> ImageSet:
+def load_split(
+    root: Path, split: str, positive_class: str | None = None, size=IMAGE_SIZE, progress: bool = True
+) -> ImageSet:
     """Decode every image of `root/split` once, with torchvision's ImageFolder and our shared loader."""
     _check_split_folder(root, split)
     try:
-        folder = datasets.ImageFolder(str(root / split), loader=load_image_file, transform=lambda img: resize(img, size))
+        folder = datasets.ImageFolder(
+            str(root / split), loader=load_image_file, transform=lambda img: resize(img, size)
+        )
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{root / split}: {exc}") from None
     if len(folder) == 0:
@@ -84,7 +90,14 @@ def load_split(root: Path, split: str, positive_class: str | None = None, size=I
     # GIL while it inflates a PNG (0.36 -> 0.26 s per 600 PNGs on 2 cores).
     with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode") as pool:
         decoded = pool.map(folder.__getitem__, range(len(folder)))
-        bar = tqdm(decoded, total=len(folder), desc=f"decode {split}", unit="img", disable=None if progress else True, leave=False)  # None: bars on terminals only, not in logs
+        bar = tqdm(
+            decoded,
+            total=len(folder),
+            desc=f"decode {split}",
+            unit="img",
+            disable=None if progress else True,
+            leave=False,
+        )  # None: bars on terminals only, not in logs
         try:
             for i, (image, label) in enumerate(bar):
                 images[i] = image
@@ -95,7 +108,9 @@ def load_split(root: Path, split: str, positive_class: str | None = None, size=I
     return ImageSet(images, labels, list(folder.classes), positive, [path for path, _ in folder.samples])
 
 
-def load_dataset(root: str | Path, positive_class: str | None = None, progress: bool = True) -> tuple[ImageSet, ImageSet]:
+def load_dataset(
+    root: str | Path, positive_class: str | None = None, progress: bool = True
+) -> tuple[ImageSet, ImageSet]:
     """The train and valid splits of `root`; they must name the same two classes."""
     root = Path(root)
     if not root.is_dir():

@@ -46,7 +46,10 @@ class EarlyStopping:
             why = f"no improvement of the best validation loss by more than {self.min_delta:g} for {self.bad_epochs} epochs"
         self.previous_loss = valid_loss
         if self.bad_epochs >= self.patience:
-            self.stopped_epoch, self.reason = epoch, f"early stop at epoch {epoch}: {why} (patience {self.patience}, rule {self.rule!r})"
+            self.stopped_epoch, self.reason = (
+                epoch,
+                f"early stop at epoch {epoch}: {why} (patience {self.patience}, rule {self.rule!r})",
+            )
             return True
         return False
 

@@ -95,7 +95,7 @@ class ToyNetwork(nn.Module):
         return self.output(torch.sigmoid(self.hidden(x)))
 
     @classmethod
-    def lecture(cls) -> "ToyNetwork":
+    def lecture(cls) -> ToyNetwork:
         """The weights of the lecture's worked example."""
         net = cls()
         with torch.no_grad():

@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: str | Path, stopped_epoch: int = -1, best_epoch: int = -1, title: str = "") -> Path:
+def plot_curves(
+    history: list[dict], path: str | Path, stopped_epoch: int = -1, best_epoch: int = -1, title: str = ""
+) -> Path:
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):

@@ -45,7 +45,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-__all__ = ["CLASSES", "EVA", "GENERATOR_VERSION", "Identity", "Scene", "generate", "render", "sample_negative", "sample_scene"]
+__all__ = [
+    "CLASSES",
+    "EVA",
+    "GENERATOR_VERSION",
+    "Identity",
+    "Scene",
+    "generate",
+    "render",
+    "sample_negative",
+    "sample_scene",
+]
 
 CLASSES = ("eva", "not_eva")  # positive class first
 GENERATOR_VERSION = 1  # bump whenever the drawing code changes the pixels
@@ -64,39 +74,99 @@ RGB = tuple[int, int, int]
 # --------------------------------------------------------------------------- #
 FACE_SHAPES = ("round", "oval", "square", "long")
 SKIN_TONES: tuple[RGB, ...] = (
-    (255, 224, 196), (241, 194, 160), (224, 172, 128), (198, 140, 98),
-    (168, 112, 74), (130, 86, 56), (96, 62, 42), (238, 206, 179),
+    (255, 224, 196),
+    (241, 194, 160),
+    (224, 172, 128),
+    (198, 140, 98),
+    (168, 112, 74),
+    (130, 86, 56),
+    (96, 62, 42),
+    (238, 206, 179),
 )
 HAIR_STYLES = (
-    "bob_bangs", "long_straight", "short_side", "spiky", "curly",
-    "bun", "ponytail", "buzz", "bald", "afro",
+    "bob_bangs",
+    "long_straight",
+    "short_side",
+    "spiky",
+    "curly",
+    "bun",
+    "ponytail",
+    "buzz",
+    "bald",
+    "afro",
 )
 HAIR_COLOURS: tuple[RGB, ...] = (
-    (30, 24, 22), (72, 44, 28), (122, 78, 44), (226, 190, 110), (150, 58, 30),
-    (205, 98, 40), (170, 170, 176), (236, 120, 170), (60, 96, 200), (120, 70, 170),
+    (30, 24, 22),
+    (72, 44, 28),
+    (122, 78, 44),
+    (226, 190, 110),
+    (150, 58, 30),
+    (205, 98, 40),
+    (170, 170, 176),
+    (236, 120, 170),
+    (60, 96, 200),
+    (120, 70, 170),
 )
 EYE_COLOURS: tuple[RGB, ...] = (
-    (96, 58, 30), (60, 120, 210), (50, 150, 70), (120, 120, 130), (150, 110, 50),
+    (96, 58, 30),
+    (60, 120, 210),
+    (50, 150, 70),
+    (120, 120, 130),
+    (150, 110, 50),
 )
 GLASSES_STYLES = ("none", "round", "square", "sunglasses")
 FRAME_COLOURS: tuple[RGB, ...] = (
-    (25, 25, 25), (200, 40, 40), (140, 80, 40), (40, 80, 200), (210, 170, 40),
+    (25, 25, 25),
+    (200, 40, 40),
+    (140, 80, 40),
+    (40, 80, 200),
+    (210, 170, 40),
 )
 EARRING_STYLES = ("none", "stud", "hoop")
 EARRING_COLOURS: tuple[RGB, ...] = ((230, 190, 60), (200, 200, 210), (220, 60, 120))
 
 EXPRESSIONS = ("smile", "grin", "open", "neutral", "surprised", "smirk")
 CAPTIONS = (
-    "HI!", "LOL", "OMG", "YAY", "NOPE", "OK", "WOW", "BRB", "HELLO", "THANKS",
-    "SORRY", "NICE", "COOL", "LATER", "ZZZ", "UGH", "YES", "NO", "HAHA", "GG",
+    "HI!",
+    "LOL",
+    "OMG",
+    "YAY",
+    "NOPE",
+    "OK",
+    "WOW",
+    "BRB",
+    "HELLO",
+    "THANKS",
+    "SORRY",
+    "NICE",
+    "COOL",
+    "LATER",
+    "ZZZ",
+    "UGH",
+    "YES",
+    "NO",
+    "HAHA",
+    "GG",
 )
 BACKGROUNDS = ("solid", "vertical", "diagonal", "radial", "dots", "stripes", "rays")
 ACCENTS = ("heart", "star", "sparkle", "circle")
 # Bright sticker palette shared by backgrounds, clothes, accents and captions.
 PALETTE: tuple[RGB, ...] = (
-    (255, 99, 132), (255, 159, 64), (255, 205, 86), (75, 192, 192), (54, 162, 235),
-    (153, 102, 255), (201, 203, 207), (255, 255, 255), (40, 40, 60), (120, 220, 120),
-    (250, 128, 114), (0, 150, 136), (233, 30, 99), (63, 81, 181), (139, 195, 74),
+    (255, 99, 132),
+    (255, 159, 64),
+    (255, 205, 86),
+    (75, 192, 192),
+    (54, 162, 235),
+    (153, 102, 255),
+    (201, 203, 207),
+    (255, 255, 255),
+    (40, 40, 60),
+    (120, 220, 120),
+    (250, 128, 114),
+    (0, 150, 136),
+    (233, 30, 99),
+    (63, 81, 181),
+    (139, 195, 74),
     (255, 235, 205),
 )
 
@@ -138,8 +208,15 @@ EVA = Identity(
 # negative must differ in at least two; with at most four shared traits in
 # all, every negative is clearly another person even at low resolution.
 _SHAREABLE = (
-    "face_shape", "skin", "hair_style", "hair_colour", "eye_colour",
-    "glasses", "frame_colour", "earrings", "freckles",
+    "face_shape",
+    "skin",
+    "hair_style",
+    "hair_colour",
+    "eye_colour",
+    "glasses",
+    "frame_colour",
+    "earrings",
+    "freckles",
 )
 _SALIENT = ("face_shape", "skin", "hair_style", "hair_colour", "glasses")
 _MIN_SALIENT_DIFFERENCES = 2
@@ -295,7 +372,9 @@ def _draw_background(scene: Scene) -> Image.Image:
 
 
 def _face_box(shape: str, cx: int, cy: int) -> tuple[int, int, int, int]:
-    half_w, top, bottom = {"round": (50, 50, 54), "oval": (44, 56, 58), "square": (48, 52, 54), "long": (40, 60, 62)}[shape]
+    half_w, top, bottom = {"round": (50, 50, 54), "oval": (44, 56, 58), "square": (48, 52, 54), "long": (40, 60, 62)}[
+        shape
+    ]
     return cx - half_w, cy - top, cx + half_w, cy + bottom
 
 
@@ -339,10 +418,16 @@ def _draw_front_hair(draw: ImageDraw.ImageDraw, who: Identity, hair: RGB, box, c
         draw.rectangle((x0 - 8, y0 + 20, x0 + 8, cy + 40), fill=hair)  # side locks
         draw.rectangle((x1 - 8, y0 + 20, x1 + 8, cy + 40), fill=hair)
     elif style == "long_straight":
-        draw.polygon([(cx - 12, y0 - 4), (x0 - 6, y0 + 30), (x0 - 4, cy + 60), (x0 + 10, cy + 60), (x0 + 10, y0 + 40)], fill=hair)
-        draw.polygon([(cx - 12, y0 - 4), (x1 + 6, y0 + 30), (x1 + 4, cy + 60), (x1 - 10, cy + 60), (x1 - 12, y0 + 34)], fill=hair)
+        draw.polygon(
+            [(cx - 12, y0 - 4), (x0 - 6, y0 + 30), (x0 - 4, cy + 60), (x0 + 10, cy + 60), (x0 + 10, y0 + 40)], fill=hair
+        )
+        draw.polygon(
+            [(cx - 12, y0 - 4), (x1 + 6, y0 + 30), (x1 + 4, cy + 60), (x1 - 10, cy + 60), (x1 - 12, y0 + 34)], fill=hair
+        )
     elif style == "short_side":
-        draw.polygon([(x0 - 4, y0 + 34), (cx - 20, y0 - 4), (x1 + 6, y0 + 8), (x1 + 4, y0 + 36), (cx + 10, y0 + 22)], fill=hair)
+        draw.polygon(
+            [(x0 - 4, y0 + 34), (cx - 20, y0 - 4), (x1 + 6, y0 + 8), (x1 + 4, y0 + 36), (cx + 10, y0 + 22)], fill=hair
+        )
     elif style == "spiky":
         for k in range(6):
             bx = x0 - 2 + k * (x1 - x0 + 4) / 6
@@ -383,7 +468,9 @@ def _draw_glasses(draw: ImageDraw.ImageDraw, who: Identity, cx: int, cy: int) ->
         elif who.glasses == "square":
             draw.rectangle((ex - 16, ey - 11, ex + 16, ey + 11), outline=frame, width=4)
         else:  # sunglasses hide the eyes entirely
-            draw.rounded_rectangle((ex - 17, ey - 11, ex + 17, ey + 12), radius=7, fill=(20, 20, 28), outline=frame, width=3)
+            draw.rounded_rectangle(
+                (ex - 17, ey - 11, ex + 17, ey + 12), radius=7, fill=(20, 20, 28), outline=frame, width=3
+            )
     draw.line((cx - 6, ey - 2, cx + 6, ey - 2), fill=frame, width=3)
 
 
@@ -452,8 +539,10 @@ def _draw_avatar(who: Identity, scene: Scene) -> Image.Image:
 
 def _star(cx: float, cy: float, outer: float, inner: float, points: int) -> list[tuple[float, float]]:
     return [
-        (cx + (outer if k % 2 == 0 else inner) * math.sin(math.pi * k / points),
-         cy - (outer if k % 2 == 0 else inner) * math.cos(math.pi * k / points))
+        (
+            cx + (outer if k % 2 == 0 else inner) * math.sin(math.pi * k / points),
+            cy - (outer if k % 2 == 0 else inner) * math.cos(math.pi * k / points),
+        )
         for k in range(2 * points)
     ]
 
@@ -483,7 +572,9 @@ def _draw_caption(image: Image.Image, scene: Scene) -> None:
     ImageDraw.Draw(mask).text((2 - left, 2 - top), scene.caption, fill=255, font=_FONT)
     outline_mask = mask.filter(ImageFilter.MaxFilter(3))  # dilate while still small: cheap
     factor = scene.caption_scale * CANVAS // 128
-    mask, outline_mask = (m.resize((m.width * factor, m.height * factor), Image.Resampling.NEAREST) for m in (mask, outline_mask))
+    mask, outline_mask = (
+        m.resize((m.width * factor, m.height * factor), Image.Resampling.NEAREST) for m in (mask, outline_mask)
+    )
     x = (CANVAS - mask.width) // 2
     y = 4 if scene.caption_top else CANVAS - mask.height - 4
     luminance = sum(w * c for w, c in zip((0.299, 0.587, 0.114), scene.caption_colour))
@@ -582,10 +673,16 @@ def generate(
         for name in CLASSES:
             (out / split / name).mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=n_train + n_valid, desc="synth data set", unit="img", file=sys.stderr, disable=None) if progress else None  # disable=None: terminals only
+    bar = (
+        tqdm(total=n_train + n_valid, desc="synth data set", unit="img", file=sys.stderr, disable=None)
+        if progress
+        else None
+    )  # disable=None: terminals only
     for split in SPLITS:
         # Independent streams per split: valid scenes never replay train scenes.
-        rng = random.Random(f"trainer.synth/{seed}/{split}")  # the seed string predates the bitmoji namespace: keep it, keep the pixels
+        rng = random.Random(
+            f"trainer.synth/{seed}/{split}"
+        )  # the seed string predates the bitmoji namespace: keep it, keep the pixels
         for i in range(counts[split] // 2):
             scene = sample_scene(rng)
             twins = {"eva": EVA, "not_eva": sample_negative(rng)}

@@ -29,11 +29,11 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from bitmoji.core.device import resolve_device
+from bitmoji.core.modelfile import build_metadata, export_model
 from bitmoji.trainer import data as data_module
 from bitmoji.trainer import distributed
 from bitmoji.trainer.early_stopping import EarlyStopping
-from bitmoji.core.device import resolve_device
-from bitmoji.core.modelfile import build_metadata, export_model
 from bitmoji.trainer.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,7 +66,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         cfg = copy.copy(self)
         cfg.lr = DEFAULT_LR[cfg.arch] if cfg.lr is None else cfg.lr
         cfg.augment = (cfg.arch == "cnn") if cfg.augment is None else cfg.augment
@@ -103,7 +103,9 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 8) -> 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: data_module.ImageSet, device: torch.device, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, images: data_module.ImageSet, device: torch.device, batch_size: int = 256
+) -> tuple[float, float]:
     """Loss and accuracy over every sample (not the lecture's mean of batch means).
 
     Under torchrun each rank takes every world_size-th sample (no padding) and
@@ -152,7 +154,9 @@ def fit(config: TrainConfig) -> FitResult:
     rank, world, master = distributed.rank(), distributed.world_size(), distributed.is_main()
     print0 = distributed.print0
     if cfg.batch_size % world:
-        raise TrainingError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly among the {world} processes")
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly among the {world} processes"
+        )
     local_batch_size = cfg.batch_size // world
     progress = cfg.progress and master
     if master:
@@ -165,7 +169,9 @@ def fit(config: TrainConfig) -> FitResult:
     # data: decoded once, kept in memory as uint8; every epoch a permutation by (seed, epoch), this rank's share of it
     train, valid = data_module.load_dataset(cfg.data, cfg.positive_class, progress=progress)
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    print0(f"data: {len(train)} train / {len(valid)} valid images, classes {train.class_names}, positive {train.positive_class!r}")
+    print0(
+        f"data: {len(train)} train / {len(valid)} valid images, classes {train.class_names}, positive {train.positive_class!r}"
+    )
 
     # model, loss, optimizer
     model = build_model(cfg.arch, dropout=cfg.dropout).to(device)
@@ -174,7 +180,9 @@ def fit(config: TrainConfig) -> FitResult:
     # fused: one kernel for the whole update instead of a dozen tensor ops per parameter; on CPU it cut
     # the MLP's training step from 81 to 26 ms (its 6.3M-weight first layer made Adam 40% of a step)
     optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
+    )
     stopper = EarlyStopping(cfg.early_stopping, cfg.patience, cfg.min_delta)
     history: list[dict] = []
     best_state = copy.deepcopy(model.state_dict())
@@ -196,14 +204,18 @@ def fit(config: TrainConfig) -> FitResult:
         if len(rng_states) == world:
             _set_rng_state(rng_states[rank], generator)
         else:
-            print0(f"--resume: the checkpoint holds {len(rng_states)} process(es)' random states, this run has {world}: dropout/augmentation restart from the seed")
+            print0(
+                f"--resume: the checkpoint holds {len(rng_states)} process(es)' random states, this run has {world}: dropout/augmentation restart from the seed"
+            )
         start_epoch = ckpt["epoch"] + 1
         print0(f"resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
     elif cfg.resume:
         print0(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
 
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"model: {cfg.arch}, {n_params:,} parameters, device {device}, {torch.get_num_threads()} threads, lr {cfg.lr:g}")
+    print0(
+        f"model: {cfg.arch}, {n_params:,} parameters, device {device}, {torch.get_num_threads()} threads, lr {cfg.lr:g}"
+    )
     if world > 1:
         print0(f"data parallel: {world} processes, {local_batch_size} samples each per batch of {cfg.batch_size}")
     ddp_model = distributed.wrap(model, device)  # trains `model` (same parameters); `model` is what we save
@@ -218,7 +230,9 @@ def fit(config: TrainConfig) -> FitResult:
         loss_sum, correct, seen = 0.0, 0, 0
         grad_norm_sums = torch.zeros(len(param_names))
         batches = range(0, len(order), local_batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None if progress else True)  # None: terminals only
+        bar = tqdm(
+            batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None if progress else True
+        )  # None: terminals only
         for start in bar:
             x, y = train.batch(order[start : start + local_batch_size], device)
             if cfg.augment:
@@ -227,12 +241,16 @@ def fit(config: TrainConfig) -> FitResult:
             logits = ddp_model(x).squeeze(1)
             loss = criterion(logits, y)
             if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"epoch {epoch}: the loss became {float(loss)} (try a lower --lr or --clip-grad-norm)")
+                raise TrainingError(
+                    f"epoch {epoch}: the loss became {float(loss)} (try a lower --lr or --clip-grad-norm)"
+                )
             loss.backward()  # DDP: the gradients are averaged over ranks here, so the norms and the step agree everywhere
             norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).cpu()
             if not torch.isfinite(norms).all():
                 bad = [param_names[i] for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist()]
-                raise TrainingError(f"epoch {epoch}: non-finite gradients in {bad} (exploding gradients: lower --lr or set --clip-grad-norm)")
+                raise TrainingError(
+                    f"epoch {epoch}: non-finite gradients in {bad} (exploding gradients: lower --lr or set --clip-grad-norm)"
+                )
             grad_norm_sums += norms
             if cfg.clip_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -299,7 +317,8 @@ def fit(config: TrainConfig) -> FitResult:
         class_names=train.class_names,
         positive_class=train.positive_class,
         model=model,
-        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "resume", "progress")} | {"processes": world},
+        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "resume", "progress")}
+        | {"processes": world},
         metrics={
             "final": scalars(history[-1]),
             "best": scalars(history[served_epoch - 1]),
@@ -314,7 +333,15 @@ def fit(config: TrainConfig) -> FitResult:
     write_history(out, history)
     from bitmoji.trainer.plots import plot_curves  # matplotlib is slow to import; only needed here
 
-    plot_curves(history, out / "curves.png", stopped_epoch=stopper.stopped_epoch, best_epoch=stopper.best_epoch, title=f"{cfg.arch} on {Path(cfg.data).name}")
+    plot_curves(
+        history,
+        out / "curves.png",
+        stopped_epoch=stopper.stopped_epoch,
+        best_epoch=stopper.best_epoch,
+        title=f"{cfg.arch} on {Path(cfg.data).name}",
+    )
     seconds = time.perf_counter() - started
-    print(f"wrote {model_path} (version {metadata['model_version']}), history.json/csv and curves.png in {out} ({seconds:.0f}s)")
+    print(
+        f"wrote {model_path} (version {metadata['model_version']}), history.json/csv and curves.png in {out} ({seconds:.0f}s)"
+    )
     return FitResult(model_path, history, stopper.best_epoch, stop_reason, metadata, seconds)
