@@ -24,39 +24,67 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62itmoji/v1/classifier.proto\x12\nbitmoji.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.bitmoji.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x05Input\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.bitmoji.v1.TensorH\x00\x42\x06\n\x04kind\"4\n\x0f\x43lassifyRequest\x12!\n\x06inputs\x18\x01 \x03(\x0b\x32\x11.bitmoji.v1.Input\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\"V\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.bitmoji.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xa0\x01\n\x14GradientProbeRequest\x12!\n\x06inputs\x18\x01 \x03(\x0b\x32\x11.bitmoji.v1.Input\x12\x0f\n\x07targets\x18\x02 \x03(\x02\x12\x1e\n\x04loss\x18\x03 \x01(\x0e\x32\x10.bitmoji.v1.Loss\x12\x16\n\x0einclude_values\x18\x04 \x01(\x08\x12\x1c\n\x14include_saliency_png\x18\x05 \x01(\x08\"\x85\x01\n\x11ParameterGradient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04norm\x18\x03 \x01(\x01\x12\x0f\n\x07max_abs\x18\x04 \x01(\x01\x12\x10\n\x08mean_abs\x18\x05 \x01(\x01\x12\"\n\x06values\x18\x06 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\"K\n\rInputGradient\x12$\n\x08gradient\x18\x01 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\x12\x14\n\x0csaliency_png\x18\x02 \x01(\x0c\"\xc8\x01\n\x15GradientProbeResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12#\n\x07outputs\x18\x02 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\x12\x31\n\nparameters\x18\x03 \x03(\x0b\x32\x1d.bitmoji.v1.ParameterGradient\x12\x32\n\x0finput_gradients\x18\x04 \x03(\x0b\x32\x19.bitmoji.v1.InputGradient\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x16\n\x0epositive_class\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x01\x12\x1a\n\x12max_items_per_call\x18\n \x01(\x05\x12\x15\n\rtorch_threads\x18\x0b \x01(\x05\x12\x1e\n\x16gradient_probe_enabled\x18\x0c \x01(\x08\x12\x14\n\x0cmodel_sha256\x18\r \x01(\t*\x7f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04*8\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0c\n\x08LOSS_BCE\x10\x01\x12\x0c\n\x08LOSS_MSE\x10\x02\x32\xcd\x02\n\nClassifier\x12\x45\n\x08\x43lassify\x12\x1b.bitmoji.v1.ClassifyRequest\x1a\x1c.bitmoji.v1.ClassifyResponse\x12O\n\x0eStreamClassify\x12\x1b.bitmoji.v1.ClassifyRequest\x1a\x1c.bitmoji.v1.ClassifyResponse(\x01\x30\x01\x12T\n\rGradientProbe\x12 .bitmoji.v1.GradientProbeRequest\x1a!.bitmoji.v1.GradientProbeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.bitmoji.v1.GetModelInfoRequest\x1a .bitmoji.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62itmoji/v1/classifier.proto\x12\nbitmoji.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.bitmoji.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x05Input\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.bitmoji.v1.TensorH\x00\x42\x06\n\x04kind\"_\n\x0f\x43lassifyRequest\x12!\n\x06inputs\x18\x01 \x03(\x0b\x32\x11.bitmoji.v1.Input\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\"\x7f\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.bitmoji.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x13\n\x0bmodel_build\x18\x04 \x01(\t\"\xcb\x01\n\x14GradientProbeRequest\x12!\n\x06inputs\x18\x01 \x03(\x0b\x32\x11.bitmoji.v1.Input\x12\x0f\n\x07targets\x18\x02 \x03(\x02\x12\x1e\n\x04loss\x18\x03 \x01(\x0e\x32\x10.bitmoji.v1.Loss\x12\x16\n\x0einclude_values\x18\x04 \x01(\x08\x12\x1c\n\x14include_saliency_png\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"\x85\x01\n\x11ParameterGradient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04norm\x18\x03 \x01(\x01\x12\x0f\n\x07max_abs\x18\x04 \x01(\x01\x12\x10\n\x08mean_abs\x18\x05 \x01(\x01\x12\"\n\x06values\x18\x06 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\"K\n\rInputGradient\x12$\n\x08gradient\x18\x01 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\x12\x14\n\x0csaliency_png\x18\x02 \x01(\x0c\"\xf1\x01\n\x15GradientProbeResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12#\n\x07outputs\x18\x02 \x01(\x0b\x32\x12.bitmoji.v1.Tensor\x12\x31\n\nparameters\x18\x03 \x03(\x0b\x32\x1d.bitmoji.v1.ParameterGradient\x12\x32\n\x0finput_gradients\x18\x04 \x03(\x0b\x32\x19.bitmoji.v1.InputGradient\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x13\n\x0bmodel_build\x18\x07 \x01(\t\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x9b\x03\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x16\n\x0epositive_class\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x01\x12\x1a\n\x12max_items_per_call\x18\n \x01(\x05\x12\x15\n\rtorch_threads\x18\x0b \x01(\x05\x12\x1e\n\x16gradient_probe_enabled\x18\x0c \x01(\x08\x12\x14\n\x0cmodel_sha256\x18\r \x01(\t\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x13\n\x0bmodel_build\x18\x0f \x01(\t\x12\'\n\x06status\x18\x10 \x01(\x0b\x32\x17.bitmoji.v1.ModelStatus\"\x97\x01\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.bitmoji.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x62uild\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\"\xe7\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x08versions\x18\x02 \x03(\x0b\x32\x1e.bitmoji.v1.ModelVersionStatus\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_pinned\x18\x04 \x01(\x08\x12 \n\x18previous_default_version\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x06 \x01(\t\x12\x15\n\rcanary_weight\x18\x07 \x01(\x01\x12\x16\n\x0eshadow_version\x18\x08 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.bitmoji.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"8\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\";\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.bitmoji.v1.ModelStatus\":\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"=\n\x13UnloadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.bitmoji.v1.ModelStatus\"?\n\x18SetDefaultVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"C\n\x19SetDefaultVersionResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.bitmoji.v1.ModelStatus\"n\n\x11SetTrafficRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x02 \x01(\t\x12\x15\n\rcanary_weight\x18\x03 \x01(\x01\x12\x16\n\x0eshadow_version\x18\x04 \x01(\t\"<\n\x12SetTrafficResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.bitmoji.v1.ModelStatus*\x7f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04*8\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0c\n\x08LOSS_BCE\x10\x01\x12\x0c\n\x08LOSS_MSE\x10\x02*\xa9\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x32\xcd\x02\n\nClassifier\x12\x45\n\x08\x43lassify\x12\x1b.bitmoji.v1.ClassifyRequest\x1a\x1c.bitmoji.v1.ClassifyResponse\x12O\n\x0eStreamClassify\x12\x1b.bitmoji.v1.ClassifyRequest\x1a\x1c.bitmoji.v1.ClassifyResponse(\x01\x30\x01\x12T\n\rGradientProbe\x12 .bitmoji.v1.GradientProbeRequest\x1a!.bitmoji.v1.GradientProbeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.bitmoji.v1.GetModelInfoRequest\x1a .bitmoji.v1.GetModelInfoResponse2\xa7\x03\n\x0fModelRepository\x12K\n\nListModels\x12\x1d.bitmoji.v1.ListModelsRequest\x1a\x1e.bitmoji.v1.ListModelsResponse\x12H\n\tLoadModel\x12\x1c.bitmoji.v1.LoadModelRequest\x1a\x1d.bitmoji.v1.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.bitmoji.v1.UnloadModelRequest\x1a\x1f.bitmoji.v1.UnloadModelResponse\x12`\n\x11SetDefaultVersion\x12$.bitmoji.v1.SetDefaultVersionRequest\x1a%.bitmoji.v1.SetDefaultVersionResponse\x12K\n\nSetTraffic\x12\x1d.bitmoji.v1.SetTrafficRequest\x1a\x1e.bitmoji.v1.SetTrafficResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitmoji.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1332
-  _globals['_DATATYPE']._serialized_end=1459
-  _globals['_LOSS']._serialized_start=1461
-  _globals['_LOSS']._serialized_end=1517
+  _globals['_DATATYPE']._serialized_start=2690
+  _globals['_DATATYPE']._serialized_end=2817
+  _globals['_LOSS']._serialized_start=2819
+  _globals['_LOSS']._serialized_end=2875
+  _globals['_MODELSTATE']._serialized_start=2878
+  _globals['_MODELSTATE']._serialized_end=3047
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=117
   _globals['_INPUT']._serialized_start=119
   _globals['_INPUT']._serialized_end=189
   _globals['_CLASSIFYREQUEST']._serialized_start=191
-  _globals['_CLASSIFYREQUEST']._serialized_end=243
-  _globals['_PREDICTION']._serialized_start=245
-  _globals['_PREDICTION']._serialized_end=308
-  _globals['_CLASSIFYRESPONSE']._serialized_start=310
-  _globals['_CLASSIFYRESPONSE']._serialized_end=396
-  _globals['_GRADIENTPROBEREQUEST']._serialized_start=399
-  _globals['_GRADIENTPROBEREQUEST']._serialized_end=559
-  _globals['_PARAMETERGRADIENT']._serialized_start=562
-  _globals['_PARAMETERGRADIENT']._serialized_end=695
-  _globals['_INPUTGRADIENT']._serialized_start=697
-  _globals['_INPUTGRADIENT']._serialized_end=772
-  _globals['_GRADIENTPROBERESPONSE']._serialized_start=775
-  _globals['_GRADIENTPROBERESPONSE']._serialized_end=975
-  _globals['_GETMODELINFOREQUEST']._serialized_start=977
-  _globals['_GETMODELINFOREQUEST']._serialized_end=998
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1001
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1330
-  _globals['_CLASSIFIER']._serialized_start=1520
-  _globals['_CLASSIFIER']._serialized_end=1853
+  _globals['_CLASSIFYREQUEST']._serialized_end=286
+  _globals['_PREDICTION']._serialized_start=288
+  _globals['_PREDICTION']._serialized_end=351
+  _globals['_CLASSIFYRESPONSE']._serialized_start=353
+  _globals['_CLASSIFYRESPONSE']._serialized_end=480
+  _globals['_GRADIENTPROBEREQUEST']._serialized_start=483
+  _globals['_GRADIENTPROBEREQUEST']._serialized_end=686
+  _globals['_PARAMETERGRADIENT']._serialized_start=689
+  _globals['_PARAMETERGRADIENT']._serialized_end=822
+  _globals['_INPUTGRADIENT']._serialized_start=824
+  _globals['_INPUTGRADIENT']._serialized_end=899
+  _globals['_GRADIENTPROBERESPONSE']._serialized_start=902
+  _globals['_GRADIENTPROBERESPONSE']._serialized_end=1143
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1145
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1209
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1212
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1623
+  _globals['_MODELVERSIONSTATUS']._serialized_start=1626
+  _globals['_MODELVERSIONSTATUS']._serialized_end=1777
+  _globals['_MODELSTATUS']._serialized_start=1780
+  _globals['_MODELSTATUS']._serialized_end=2011
+  _globals['_LISTMODELSREQUEST']._serialized_start=2013
+  _globals['_LISTMODELSREQUEST']._serialized_end=2052
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2054
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2138
+  _globals['_LOADMODELREQUEST']._serialized_start=2140
+  _globals['_LOADMODELREQUEST']._serialized_end=2196
+  _globals['_LOADMODELRESPONSE']._serialized_start=2198
+  _globals['_LOADMODELRESPONSE']._serialized_end=2257
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2259
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2317
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2319
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2380
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=2382
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=2445
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=2447
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=2514
+  _globals['_SETTRAFFICREQUEST']._serialized_start=2516
+  _globals['_SETTRAFFICREQUEST']._serialized_end=2626
+  _globals['_SETTRAFFICRESPONSE']._serialized_start=2628
+  _globals['_SETTRAFFICRESPONSE']._serialized_end=2688
+  _globals['_CLASSIFIER']._serialized_start=3050
+  _globals['_CLASSIFIER']._serialized_end=3383
+  _globals['_MODELREPOSITORY']._serialized_start=3386
+  _globals['_MODELREPOSITORY']._serialized_end=3809
 # @@protoc_insertion_point(module_scope)

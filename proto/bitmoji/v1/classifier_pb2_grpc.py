@@ -232,3 +232,271 @@ class Classifier:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelRepositoryStub:
+    """-- The model repository ------------------------------------------------------
+
+    Load, unload and route the repository's models. Needs the management token
+    when the server has one (see --management-token).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListModels = channel.unary_unary(
+                '/bitmoji.v1.ModelRepository/ListModels',
+                request_serializer=bitmoji_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=bitmoji_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/bitmoji.v1.ModelRepository/LoadModel',
+                request_serializer=bitmoji_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=bitmoji_dot_v1_dot_classifier__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/bitmoji.v1.ModelRepository/UnloadModel',
+                request_serializer=bitmoji_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=bitmoji_dot_v1_dot_classifier__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultVersion = channel.unary_unary(
+                '/bitmoji.v1.ModelRepository/SetDefaultVersion',
+                request_serializer=bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionRequest.SerializeToString,
+                response_deserializer=bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionResponse.FromString,
+                _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/bitmoji.v1.ModelRepository/SetTraffic',
+                request_serializer=bitmoji_dot_v1_dot_classifier__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=bitmoji_dot_v1_dot_classifier__pb2.SetTrafficResponse.FromString,
+                _registered_method=True)
+
+
+class ModelRepositoryServicer:
+    """-- The model repository ------------------------------------------------------
+
+    Load, unload and route the repository's models. Needs the management token
+    when the server has one (see --management-token).
+    """
+
+    def ListModels(self, request, context):
+        """Every model in the repository, each version with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model: the versions named, or those its version policy selects.
+        Answers once they are READY (or FAILED: the status says why); versions
+        already serving keep serving until a new one is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload the versions named (all, when none is named). Calls already
+        accepted for them are answered first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultVersion(self, request, context):
+        """Which version calls that name none get: promote a candidate, or roll
+        back. Empty version: unpinned, the highest READY version. Clears a canary
+        or shadow that names that version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTraffic(self, request, context):
+        """Traffic rules for calls that name no version: a weighted canary and a
+        shadow (run on the same inputs off the caller's path and compared,
+        never returned; see the bitmoji_shadow_* metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelRepositoryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=bitmoji_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
+                    response_serializer=bitmoji_dot_v1_dot_classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=bitmoji_dot_v1_dot_classifier__pb2.LoadModelRequest.FromString,
+                    response_serializer=bitmoji_dot_v1_dot_classifier__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=bitmoji_dot_v1_dot_classifier__pb2.UnloadModelRequest.FromString,
+                    response_serializer=bitmoji_dot_v1_dot_classifier__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'SetDefaultVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultVersion,
+                    request_deserializer=bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionRequest.FromString,
+                    response_serializer=bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionResponse.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=bitmoji_dot_v1_dot_classifier__pb2.SetTrafficRequest.FromString,
+                    response_serializer=bitmoji_dot_v1_dot_classifier__pb2.SetTrafficResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'bitmoji.v1.ModelRepository', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('bitmoji.v1.ModelRepository', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelRepository:
+    """-- The model repository ------------------------------------------------------
+
+    Load, unload and route the repository's models. Needs the management token
+    when the server has one (see --management-token).
+    """
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitmoji.v1.ModelRepository/ListModels',
+            bitmoji_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+            bitmoji_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitmoji.v1.ModelRepository/LoadModel',
+            bitmoji_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+            bitmoji_dot_v1_dot_classifier__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitmoji.v1.ModelRepository/UnloadModel',
+            bitmoji_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+            bitmoji_dot_v1_dot_classifier__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitmoji.v1.ModelRepository/SetDefaultVersion',
+            bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionRequest.SerializeToString,
+            bitmoji_dot_v1_dot_classifier__pb2.SetDefaultVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitmoji.v1.ModelRepository/SetTraffic',
+            bitmoji_dot_v1_dot_classifier__pb2.SetTrafficRequest.SerializeToString,
+            bitmoji_dot_v1_dot_classifier__pb2.SetTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
