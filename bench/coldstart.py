@@ -6,11 +6,11 @@ Issue 4's target for the MLP: at most 5 s.
 
 The breakdown: interpreter start (`python -c pass`), then ONE fresh interpreter
 doing the server's start-up steps in turn, each timed: `import torch`; `import grpc`
-+ health + reflection; the rest of `import bitmoji.server.main`; loading the
++ health + reflection; the rest of `import bitmoji.server.server`; loading the
 model (`bitmoji.core.modelfile.load_model`); the warm-up (`ServedModel.warmup`). The rest
 = SERVING (median) - all of those: config, gRPC start, ports, event loop, and noise
 (on a busy machine one import of torch varies by seconds: the parts are medians of --runs).
-Plus the slowest modules of `python -X importtime -c "import bitmoji.server.main"` (self time).
+Plus the slowest modules of `python -X importtime -c "import bitmoji.server.server"` (self time).
 torchvision (1.7-2 s: it pulls in torchvision.models, torchvision.ops and
 torch._dynamo) is off this path: the server imports it on its first JPEG, WebP or GIF.
 
@@ -105,10 +105,10 @@ import sys, time
 t = [time.perf_counter()]
 import torch; t.append(time.perf_counter())
 import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection; t.append(time.perf_counter())
-import bitmoji.server.main; t.append(time.perf_counter())
+import bitmoji.server.server; t.append(time.perf_counter())
 from bitmoji.server.model import ServedModel
 from bitmoji.core.modelfile import load_model
-torch.set_num_threads(bitmoji.server.main.default_torch_threads(torch.device('cpu')))
+torch.set_num_threads(bitmoji.server.server.default_torch_threads(torch.device('cpu')))
 loaded = load_model(sys.argv[1], 'cpu'); t.append(time.perf_counter())
 ServedModel.create(loaded, max_pixels=1 << 24).warmup(32); t.append(time.perf_counter())
 print(*(b - a for a, b in zip(t, t[1:])))
@@ -127,7 +127,7 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
         samples.append([float(x) for x in r.stdout.split()])
     out.update((name, statistics.median(column)) for name, column in zip(names, zip(*samples)))
     r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import bitmoji.server.main"],
+        [sys.executable, "-X", "importtime", "-c", "import bitmoji.server.server"],
         cwd=cwd,
         capture_output=True,
         text=True,

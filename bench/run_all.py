@@ -500,7 +500,7 @@ def markdown(r: dict, plot: str | None) -> str:
                     L.append(f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.2f} |")
             L += [
                 "",
-                "Slowest modules (self time, `python -X importtime -c 'import bitmoji.server.main'`): "
+                "Slowest modules (self time, `python -X importtime -c 'import bitmoji.server.server'`): "
                 + ", ".join(f"{k} {v:.0f} ms" for k, v in list(b["importtime_self_top_ms"].items())[:8])
                 + ".",
             ]

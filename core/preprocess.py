@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import warnings
 
 import torch
@@ -82,10 +83,13 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, UnidentifiedImageError):
-            raise ImageError("not an image Pillow can read") from None
-        raise ImageError(f"image too large to decode ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses headers over twice its own limit before we see the size: say ours, not its
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1))} pixels" if found else "more pixels than Pillow allows"
+        raise ImageError(f"image too large: {size} exceeds the limit of {max_pixels}") from None
     except Exception as exc:  # truncated headers raise many types
         raise ImageError(f"unreadable image header: {exc}") from None
     if width * height > max_pixels:

@@ -1,6 +1,7 @@
 """The dynamic batcher: items from concurrent calls merged into model batches on a few model threads.
 
-A call's raw items (proto `Input`s) are queued as they arrive; each model thread
+Each loaded model version has one (models never share a batch). A call's raw
+items (image bytes or `RawTensor`s, see `bitmoji.server.inputs`) are queued as they arrive; each model thread
 takes up to a batch of them, decodes them (the GIL is released for most of an
 image decode) and runs the forward pass. With two threads one batch's decode
 overlaps the other's forward, and the event loop never waits on a decode: per
@@ -42,7 +43,8 @@ import torch
 
 from bitmoji.core.preprocess import to_model_input
 from bitmoji.server import metrics as m
-from bitmoji.server.inputs import InputError, InputSpec
+from bitmoji.server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from bitmoji.server.inputs import InputError, InputSpec, decode_input
 from bitmoji.server.model import ServedModel, error_summary
 
 log = logging.getLogger("bitmoji-serve")
@@ -52,19 +54,19 @@ Decode = Callable[
 ]  # (raw item, its index in the call, the model's spec) -> tensor
 
 
-class QueueFull(Exception):
+class QueueFull(ResourceExhausted):
     """The call's items do not fit in the queue now; try again later."""
 
 
-class BatchFailed(RuntimeError):
+class BatchFailed(Internal):
     """The forward pass of the batch holding one of the call's items raised; the message says how."""
 
 
-class DeadlineExpired(Exception):
+class DeadlineExpired(DeadlineExceeded):
     """The call's deadline passed before its items reached the model."""
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(Unavailable):
     """The batcher closed before the call's items ran."""
 
 
@@ -113,11 +115,11 @@ class Batcher:
         self,
         model: ServedModel,
         *,
-        decode: Decode,
+        decode: Decode = decode_input,
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
-        metrics: m.Metrics,
+        metrics: m.VersionMetrics,
         threads: int = 1,
         torch_threads: int | None = None,
     ):
@@ -138,6 +140,11 @@ class Batcher:
             threading.Thread(target=self._serve, name=f"bitmoji-model-{i}", daemon=True) for i in range(threads)
         ]
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch now (read without the lock: a hint, e.g. for shadowing)."""
+        return len(self._queue)
+
     # -- the model ------------------------------------------------------------
 
     @property
@@ -152,7 +159,10 @@ class Batcher:
     # -- the loop side ----------------------------------------------------------
 
     async def run(self, raws, *, arrived: float, deadline: float | None = None) -> tuple[list, ServedModel]:
-        """Queue a call's raw items, or raise QueueFull at once; returns (one result per item, in order; the model that ran them)."""
+        """Queue a call's items, or raise QueueFull at once.
+
+        Returns one result per item, in order, and the model that ran them.
+        """
         loop = self._loop = asyncio.get_running_loop()
         call = _Call(loop.create_future(), len(raws), deadline)
         items = [_Item(call, i, raw, arrived) for i, raw in enumerate(raws)]
@@ -246,12 +256,12 @@ class Batcher:
         for item in items:
             call = item.call
             if call.deadline is not None and start >= call.deadline:
-                metrics.items_dropped.labels(m.DROP_DEADLINE).inc()
+                metrics.dropped[m.DROP_DEADLINE].inc()
                 expired.append(call)
             elif call.abandoned:
-                metrics.items_dropped.labels(m.DROP_CANCELLED).inc()
+                metrics.dropped[m.DROP_CANCELLED].inc()
             elif call.finished:  # another of its items failed
-                metrics.items_dropped.labels(m.DROP_FAILED).inc()
+                metrics.dropped[m.DROP_FAILED].inc()
             else:
                 observe_wait(start - item.arrived)
                 live.append(item)
@@ -267,7 +277,7 @@ class Batcher:
 
     def _decode_all(self, live: list[_Item], model: ServedModel) -> dict[tuple, list]:
         """Decode each item for `model`; group them by shape (in queue order). An item that fails fails its call."""
-        observe = self._metrics.preprocess_duration.observe
+        observe = self._metrics.preprocess.observe
         decode, spec = self._decode, model.spec
         groups: dict[tuple, list] = {}
         for item in live:
@@ -304,7 +314,7 @@ class Batcher:
             )
             self._fail([item.call for item, _tensor in group], BatchFailed(f"model forward failed: {reason}"))
             return
-        metrics.forward_duration.observe(time.monotonic() - start)
+        metrics.forward.observe(time.monotonic() - start)
         metrics.batch_size.observe(len(group))
         metrics.items.inc(len(group))
         completions = []

@@ -1,4 +1,4 @@
-"""`bitmoji-serve`: flags -> one server process (`bitmoji.server.main.serve`) or N of them (`bitmoji.server.workers.supervise`).
+"""`bitmoji-serve`: flags -> one server process (`bitmoji.server.server.serve`) or N (`bitmoji.server.workers`).
 
 This module and everything the `--workers` supervisor imports stay free of
 torch: the supervisor only starts, watches and signals its workers, so it
@@ -15,28 +15,15 @@ import signal
 import sys
 import warnings
 
+from bitmoji.server import logs
 from bitmoji.server.config import parse_config
 
-log = logging.getLogger("bitmoji-serve")
+log = logging.getLogger(logs.LOGGER)
 
-
-class _Formatter(logging.Formatter):
-    """`bitmoji-serve: ready on ...`; other levels than INFO say theirs: `bitmoji-serve: error: ...`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{record.name}: {level}{record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+MISSING_EXTRA = (
+    "bitmoji-serve needs the server's dependencies (torch, torchvision, prometheus-client...): "
+    "pip install 'bitmoji-serving[serve]'"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
     It ends the process with os._exit once everything is flushed: torch's
     interpreter teardown takes seconds and has nothing left to clean up, and
-    a rolling restart should not wait for it. Embed `bitmoji.server.main.serve()` instead.
+    a rolling restart should not wait for it. Embed `bitmoji.server.server.Server` instead.
     """
-    signal.signal(
-        signal.SIGHUP, signal.SIG_IGN
-    )  # until serve() handles it: a reload request must not end a starting server
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload must not end a starting server
     config = parse_config(argv)
-    configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     code = 0
     if config.workers > 1:
         from bitmoji.server.workers import supervise
@@ -62,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             code = 1
     else:
-        from bitmoji.core.device import DeviceError
-        from bitmoji.core.modelfile import ModelFileError
-        from bitmoji.server.main import serve
-
+        try:
+            from bitmoji.core.device import DeviceError
+            from bitmoji.core.modelfile import ModelFileError
+            from bitmoji.server.server import serve
+        except ModuleNotFoundError as exc:
+            log.error("%s (%s)", MISSING_EXTRA, exc)
+            return 1
         # Pillow warns about odd bytes in callers' images (corrupt EXIF...): the caller's problem, answered with a
         # status; as log lines they would let anyone flood the log.
         warnings.filterwarnings("ignore", module=r"PIL\.")

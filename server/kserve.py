@@ -14,15 +14,23 @@ need nothing but ModelMetadata to call the model, named `bitmoji` unless
 
 A request sends exactly one of the inputs (a model without image
 preprocessing takes one FP32 input named `input`). ModelInfer takes the same
-path as Classify (`ClassifierService.infer`: admission, then the dynamic
-batcher, whose model threads decode), so calls of both protocols batch
+path as Classify (`Engine.infer`: admission, routing, then the version's
+dynamic batcher, whose model threads decode), so calls of both protocols batch
 together, obey the same limits and give the same numbers. Outputs come back in `raw_output_contents`
 (what tritonclient reads), in the order asked for; all of them when none is
 asked for. Readiness is the health service's: ServerReady and ModelReady say
 true exactly while `grpc.health.v1` says SERVING.
 
+Models are the repository's (`--model FILE` is model `--model-name`, version
+1): ModelMetadata lists a model's READY versions, a request that names no
+version gets the default one (or its canary), and the repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) is Triton's, so
+tritonclient's `get_model_repository_index`, `load_model` and `unload_model`
+work unchanged (load and unload need --model-control-mode explicit, as in
+Triton, and the management token when tokens are on).
+
 Errors are gRPC statuses with a message: INVALID_ARGUMENT for a wrong input
-or output name, datatype, shape or size; NOT_FOUND for another model name or
+or output name, datatype, shape or size; NOT_FOUND for an unknown model or
 version; the rest as Classify's (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
 Every RPC is counted in the request metrics under its own name.
 
@@ -39,26 +47,24 @@ import math
 import re
 import struct
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2
 
 from bitmoji.inference import grpc_service_pb2 as kpb
 from bitmoji.inference import grpc_service_pb2_grpc as kpb_grpc
-from bitmoji.server.inputs import MAX_RANK, InputError
+from bitmoji.server.classifier import deadline_of
+from bitmoji.server.engine import Engine
+from bitmoji.server.errors import InvalidArgument
+from bitmoji.server.inputs import MAX_RANK, InputError, Item, RawTensor
 from bitmoji.server.model import ServedModel
-from bitmoji.server.serialization import add_timed
-from bitmoji.server.service import ClassifierService, ServiceError, observed
-from bitmoji.v1 import classifier_pb2 as pb
+from bitmoji.server.models import State
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-DEFAULT_MODEL_NAME = "bitmoji"
 SERVER_NAME = "bitmoji-serve"
 PLATFORM = "pytorch_torchscript"
+EXTENSION_REPOSITORY = "model_repository"
 FP32, BYTES = "FP32", "BYTES"
 IMAGE, IMAGE_BYTES, INPUT = "image", "image_bytes", "input"
 LOGITS, PROBABILITIES, LABELS = "logits", "probabilities", "labels"
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix in raw contents
 
 
@@ -69,8 +75,8 @@ def _server_version() -> str:
         return "0"
 
 
-def invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(message)
 
 
 # -- the model's signature ------------------------------------------------------
@@ -123,8 +129,8 @@ def _fp32_bytes(values) -> bytes:
     return np.asarray(values, dtype="<f4").tobytes()
 
 
-async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> list[pb.Input]:
-    """A ModelInfer request -> Classify's `Input` items (one per batch row), checked against the signature."""
+async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> list[Item]:
+    """A ModelInfer request -> the engine's items (one per batch row), checked against the signature."""
     signature = input_tensors(model)
     if len(request.inputs) != 1:
         raise invalid(
@@ -150,7 +156,7 @@ async def decode_request(request: kpb.ModelInferRequest, model: ServedModel) -> 
     return await _decode_fp32(tensor, raw[0] if raw else None, model, want_shape)
 
 
-def _decode_bytes(tensor, raw: bytes | None, want_shape: list[int]) -> list[pb.Input]:
+def _decode_bytes(tensor, raw: bytes | None, want_shape: list[int]) -> list[Item]:
     name, shape = tensor.name, list(tensor.shape)
     if len(shape) not in (1, 2) or shape[0] < 1 or (len(shape) == 2 and shape[1] != 1):
         raise invalid(
@@ -159,10 +165,10 @@ def _decode_bytes(tensor, raw: bytes | None, want_shape: list[int]) -> list[pb.I
     elements = split_bytes(raw, f"input {name!r}") if raw is not None else list(tensor.contents.bytes_contents)
     if len(elements) != shape[0]:
         raise invalid(f"input {name!r}: shape {shape} says {shape[0]} elements; the contents hold {len(elements)}")
-    return [pb.Input(image=data) for data in elements]
+    return list(elements)
 
 
-async def _decode_fp32(tensor, raw: bytes | None, model: ServedModel, want_shape: list[int]) -> list[pb.Input]:
+async def _decode_fp32(tensor, raw: bytes | None, model: ServedModel, want_shape: list[int]) -> list[Item]:
     name, shape = tensor.name, list(tensor.shape)
     item = model.spec.shape
     if item is not None:
@@ -186,11 +192,8 @@ async def _decode_fp32(tensor, raw: bytes | None, model: ServedModel, want_shape
         raise invalid(
             f"input {name!r}: raw_input_contents has {len(raw)} bytes; shape {shape} of FP32 needs {n * per_item * 4}"
         )
-    size, item_shape = per_item * 4, shape[1:]
-    return [
-        pb.Input(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=item_shape, data=raw[i * size : (i + 1) * size]))
-        for i in range(n)
-    ]
+    size, item_shape = per_item * 4, tuple(shape[1:])
+    return [RawTensor("float32", item_shape, raw[i * size : (i + 1) * size]) for i in range(n)]
 
 
 def requested_outputs(request: kpb.ModelInferRequest, model: ServedModel) -> list[tuple[str, str]]:
@@ -227,97 +230,83 @@ def _relabel(error: InputError, name: str) -> InputError:
 # -- the servicer -----------------------------------------------------------------
 
 
-class _ReadOnlyContext:
-    """What HealthServicer.Check needs to answer a question asked from inside the server."""
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService` over the engine's models."""
 
-    async def abort(self, code, details=""):
-        raise ServiceError(grpc.StatusCode.INTERNAL, f"health status unknown: {code}")
-
-
-class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
-    """`inference.GRPCInferenceService` for the one model a ClassifierService serves."""
-
-    def __init__(self, service: ClassifierService, health_servicer, *, model_name: str = DEFAULT_MODEL_NAME):
-        self._service = service
-        self._health = health_servicer
-        self.model_name = model_name
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._models = engine.manager
         self._version = _server_version()
 
-    # `observed` counts, times and maps errors: the same bookkeeping (and drain) as Classify's calls.
-    def begin_call(self) -> None:
-        self._service.begin_call()
+    def _model(self, name: str, version: str) -> tuple[ServedModel, str]:
+        """The model version a request names (the default one when it names none): (model, version label)."""
+        if not name:
+            raise invalid("model_name is required")
+        loaded = self._models.loaded(name, version)
+        return loaded.served, loaded.label
 
-    def end_call(self, method, code, start) -> None:
-        self._service.end_call(method, code, start)
-
-    async def _serving(self, name: str) -> bool:
-        response = await self._health.Check(health_pb2.HealthCheckRequest(service=name), _ReadOnlyContext())
-        return response.status == _SERVING
-
-    def _model(self, name: str, version: str) -> ServedModel:
-        """The served model, if the request names it (and its current version, or none)."""
-        model = self._service.model
-        if name != self.model_name:
-            raise ServiceError(
-                grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {self.model_name!r}"
-            )
-        if version and version != model.version:
-            raise ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} has no version {version!r}; it serves version {model.version!r}",
-            )
-        return model
-
-    @observed("ServerLive")
     async def ServerLive(self, request, context):
         return kpb.ServerLiveResponse(live=True)  # answering at all is being live
 
-    @observed("ServerReady")
     async def ServerReady(self, request, context):
-        return kpb.ServerReadyResponse(ready=await self._serving(""))
+        return kpb.ServerReadyResponse(ready=self._engine.is_ready())
 
-    @observed("ModelReady")
     async def ModelReady(self, request, context):
-        self._model(request.name, request.version)
-        return kpb.ModelReadyResponse(ready=await self._serving(SERVICE_NAME))
+        self._models.entry(request.name)  # NOT_FOUND for a model the repository does not have
+        return kpb.ModelReadyResponse(ready=self._engine.is_ready(request.name, request.version))
 
-    @observed("ServerMetadata")
     async def ServerMetadata(self, request, context):
-        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[EXTENSION_REPOSITORY])
 
-    @observed("ModelMetadata")
     async def ModelMetadata(self, request, context):
-        model = self._model(request.name, request.version)
+        model, _ = self._model(request.name, request.version)
+        status = self._models.status(request.name)
         TensorMetadata = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
-            name=self.model_name,
-            versions=[model.version],
+            name=request.name,
+            versions=[str(v.version) for v in status.versions if v.state is State.READY],
             platform=PLATFORM,
             inputs=[TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in input_tensors(model)],
             outputs=[TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in output_tensors(model)],
         )
 
-    @observed("ModelInfer")
     async def ModelInfer(self, request, context):
-        model = self._model(request.model_name, request.model_version)
+        model, _ = self._model(request.model_name, request.model_version)  # the signature to check against
         outputs = requested_outputs(request, model)
         items = await decode_request(request, model)
         try:
-            results, ran = await self._service.infer(items, context)
+            result = await self._engine.infer(
+                items, model=request.model_name, version=request.model_version, deadline=deadline_of(context)
+            )
         except InputError as exc:
             raise _relabel(exc, request.inputs[0].name) from None
-        response = kpb.ModelInferResponse(model_name=self.model_name, model_version=ran.version, id=request.id)
-        encode_outputs(response, outputs, results, ran)
+        response = kpb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request.id)
+        encode_outputs(response, outputs, result.results, result.served)
         return response
 
+    # -- the model repository extension (Triton's) --
 
-def add_to_server(
-    server, service: ClassifierService, health_servicer, *, serialization, model_name: str = DEFAULT_MODEL_NAME
-) -> str:
-    """Serve `inference.GRPCInferenceService` on `server`; returns its full name (for health and reflection).
+    async def RepositoryIndex(self, request, context):
+        Index = kpb.RepositoryIndexResponse.ModelIndex
+        models = []
+        for status in self._models.statuses():
+            for v in status.versions:
+                if request.ready and v.state is not State.READY:
+                    continue
+                state = "UNAVAILABLE" if v.state is State.FAILED else v.state.value  # Triton has no FAILED
+                models.append(Index(name=status.name, version=str(v.version), state=state, reason=v.reason))
+        return kpb.RepositoryIndexResponse(models=models)
 
-    `serialization`: a histogram (labels method, direction) that times each message's parse and serialisation.
-    """
-    servicer = KServeService(service, health_servicer, model_name=model_name)
-    add_timed(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server, serialization)
-    return SERVICE_NAME
+    async def RepositoryModelLoad(self, request, context):
+        status = await self._models.load(request.model_name)
+        failed = [v for v in status.versions if v.state is State.FAILED]
+        if failed and not any(v.state is State.READY for v in status.versions):
+            raise invalid(
+                f"failed to load {request.model_name!r}: "
+                + "; ".join(f"version {v.version}: {v.reason}" for v in failed)
+            )
+        return kpb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._models.unload(request.model_name)
+        return kpb.RepositoryModelUnloadResponse()

@@ -2,7 +2,8 @@
 
 A `ServedModel` is immutable; hot reload builds and warms a new one and swaps
 the reference (see `Batcher.swap_model`). Everything a request needs from the
-model (labels, input spec, version) is computed here once, not per call.
+model (labels, input spec, build) is computed here once, not per call. Which
+repository model and version it is, the model manager knows (`bitmoji.server.models`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from bitmoji.core.modelfile import LoadedModel, ModelFileError, optimize_for_inference
 from bitmoji.core.preprocess import PREPROCESSING, to_model_input
 from bitmoji.server.config import OPTIMIZE_MODES
+from bitmoji.server.errors import Internal
 from bitmoji.server.inputs import InputSpec
 
 OPTIMIZED_TOLERANCE = 1e-4  # |logit difference| (absolute and relative) the optimized copy may show
@@ -24,7 +26,7 @@ AUTO_MAX_LOSS = 1.1  # ...and at most 1.1x at batch 1 (the lonely caller must no
 CHECK_BATCH_CAP = 32  # the check and the timing use at most this batch: start-up stays short with --max-batch-size 256
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(Internal):
     """The model ran but returned something Classify cannot report."""
 
 
@@ -64,9 +66,7 @@ class ServedModel:
     forward_module: torch.jit.ScriptModule | None = None  # what Classify runs, if not `loaded.module` (see `optimized`)
 
     @classmethod
-    def create(
-        cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None
-    ) -> ServedModel:
+    def create(cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None) -> ServedModel:
         """Wrap a loaded file; `input_shape` is used only when the file declares none."""
         declared = loaded.input_shape
         shape = tuple(declared) if declared else input_shape
@@ -79,8 +79,13 @@ class ServedModel:
         return cls(loaded, spec, positive, others[0] if others else "")
 
     @property
-    def version(self) -> str:
+    def build(self) -> str:
+        """The file's own identity: its metadata's model_version, or sha256-<12 hex digits>."""
         return self.loaded.version
+
+    @property
+    def architecture(self) -> str:
+        return self.loaded.metadata.get("architecture") or ""
 
     @property
     def device(self) -> torch.device:

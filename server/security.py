@@ -1,16 +1,23 @@
 """Who may talk to the server: TLS credentials (optionally mutual) and bearer-token checks.
 
-Tokens are checked by a gRPC server interceptor, before any handler runs, so a
-refused call costs no decode and no queue place. The rules:
+Tokens are checked by the server's interceptor (`bitmoji.server.interceptor`),
+before any handler runs, so a refused call costs no decode and no queue place.
+The rules:
 
 - health (`grpc.health.v1.Health`) is always open: load balancers and
   Kubernetes probes cannot send tokens, and it reveals nothing;
-- with `--auth-token`, every other call (Classifier and reflection) needs
-  `authorization: Bearer <token>`; without it or with a wrong one,
-  UNAUTHENTICATED;
+- with `--auth-token`, every other call (Classifier, the Open Inference
+  Protocol, ListModels, reflection) needs `authorization: Bearer <token>`;
+  without it or with a wrong one, UNAUTHENTICATED;
 - with `--probe-token`, GradientProbe (it reveals the model's internals)
   needs that token: a caller who has only the normal token gets
-  PERMISSION_DENIED. The probe token is accepted wherever the normal one is.
+  PERMISSION_DENIED;
+- the calls that change what is served (LoadModel, UnloadModel,
+  SetDefaultVersion, SetTraffic, RepositoryModelLoad/Unload) need
+  `--management-token` as soon as any token is set (PERMISSION_DENIED for the
+  others; without a management token, management is off). With no token at
+  all (a development server on loopback), everything is open.
+The probe and management tokens are accepted wherever the normal one is.
 
 Tokens are compared with `hmac.compare_digest` (constant time) and never
 logged; a token crosses the network in clear text unless TLS is on.
@@ -30,6 +37,16 @@ log = logging.getLogger("bitmoji-serve")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 PROBE_METHOD = "/bitmoji.v1.Classifier/GradientProbe"
+# Loading, unloading and routing models: the bitmoji.v1 management service and the Open Inference
+# Protocol's repository extension.
+MANAGEMENT_PREFIXES = (
+    "/bitmoji.v1.ModelRepository/LoadModel",
+    "/bitmoji.v1.ModelRepository/UnloadModel",
+    "/bitmoji.v1.ModelRepository/SetDefaultVersion",
+    "/bitmoji.v1.ModelRepository/SetTraffic",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
 
 
 class SecurityConfigError(RuntimeError):
@@ -71,20 +88,26 @@ def _token(value: str | None, path: str | None, flag: str) -> str | None:
     return value
 
 
-def tokens(config: ServerConfig) -> tuple[str | None, str | None]:
-    """(auth token, probe token) from the flags, environment or token files."""
-    return _token(config.auth_token, config.auth_token_file, "--auth-token"), _token(
-        config.probe_token, config.probe_token_file, "--probe-token"
+def tokens(config: ServerConfig) -> tuple[str | None, str | None, str | None]:
+    """(auth token, probe token, management token) from the flags, environment or token files."""
+    return (
+        _token(config.auth_token, config.auth_token_file, "--auth-token"),
+        _token(config.probe_token, config.probe_token_file, "--probe-token"),
+        _token(config.management_token, config.management_token_file, "--management-token"),
     )
 
 
-def describe(config: ServerConfig, auth_token: str | None, probe_token: str | None) -> str:
+def describe(
+    config: ServerConfig, auth_token: str | None, probe_token: str | None, management_token: str | None
+) -> str:
     """For the ready line: what protects the port (never the secrets)."""
     parts = ["mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"]
     if auth_token:
         parts.append("token auth")
     if probe_token:
         parts.append("probe token")
+    if management_token:
+        parts.append("management token")
     return ", ".join(parts)
 
 
@@ -106,34 +129,15 @@ def _matches(presented: bytes | None, token: str | None) -> bool:
     return hmac.compare_digest(presented, token.encode("ascii"))
 
 
-def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call with `code` and reads nothing."""
+class TokenCheck:
+    """Which bearer token each call needs (see the module's rules); `check` compares in constant time."""
 
-    async def unary(request, context):
-        await context.abort(code, message)
-
-    async def streaming(request, context):
-        await context.abort(code, message)
-        yield  # pragma: no cover (makes this an async generator)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    return grpc.unary_unary_rpc_method_handler(unary)
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token of every call but health's (see the module's rules)."""
-
-    def __init__(self, auth_token: str | None, probe_token: str | None, metrics=None):
-        if not (auth_token or probe_token):
-            raise ValueError("TokenAuthInterceptor needs a token")
+    def __init__(self, auth_token: str | None, probe_token: str | None, management_token: str | None = None):
+        if not (auth_token or probe_token or management_token):
+            raise ValueError("TokenCheck needs a token")
         self._auth = auth_token
         self._probe = probe_token
-        self._metrics = metrics
+        self._management = management_token
 
     def check(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message that refuse it."""
@@ -143,29 +147,27 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         # Compare with every token, always: the time taken says nothing about which one matched.
         is_probe = _matches(presented, self._probe)
         is_auth = _matches(presented, self._auth)
+        is_management = _matches(presented, self._management)
+        if method.startswith(MANAGEMENT_PREFIXES):
+            if is_management or (self._management is None and self._auth is None and self._probe is None):
+                return None
+            if self._management is None:
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "model management is off: start the server with --management-token",
+                )
+            if is_auth or is_probe:
+                return grpc.StatusCode.PERMISSION_DENIED, "model management needs the management token"
+            return grpc.StatusCode.UNAUTHENTICATED, _missing(presented)
         if method == PROBE_METHOD and self._probe is not None:
             if is_probe:
                 return None
-            if is_auth:
+            if is_auth or is_management:
                 return grpc.StatusCode.PERMISSION_DENIED, "GradientProbe needs the probe token"
             return grpc.StatusCode.UNAUTHENTICATED, _missing(presented)
-        if self._auth is None or is_auth or is_probe:
+        if self._auth is None or is_auth or is_probe or is_management:
             return None
         return grpc.StatusCode.UNAUTHENTICATED, _missing(presented)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # an unknown method: UNIMPLEMENTED either way
-        method = handler_call_details.method
-        refusal = self.check(method, handler_call_details.invocation_metadata)
-        if refusal is None:
-            return handler
-        code, message = refusal
-        log.debug("%s refused: %s (%s)", method, code.name, message)
-        if self._metrics is not None:
-            self._metrics.requests.labels(method.rsplit("/", 1)[-1], code.name).inc()
-        return _denied(handler, code, message)
 
 
 def _missing(presented: bytes | None) -> str:

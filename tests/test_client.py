@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, start_server
+from helpers import free_port, start_server
 from PIL import Image, ImageDraw
 
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
@@ -65,7 +65,7 @@ def assert_same_predictions(predictions, expected, version):
     assert [p.label for p in predictions] == labels
     assert torch.allclose(torch.tensor([p.logit for p in predictions]), logits, atol=1e-4, rtol=0)
     assert torch.allclose(torch.tensor([p.probability for p in predictions]), probabilities, atol=1e-5, rtol=0)
-    assert {p.model_version for p in predictions} == {version}
+    assert {p.model_version for p in predictions} == {"1"}  # the repository version (the file is `version`)
 
 
 class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
@@ -124,7 +124,7 @@ def test_model_info_describes_the_served_file(cnn_server, cnn_model_file):
         info = client.model_info()
         assert client.health() == "SERVING"
         assert client.health("bitmoji.v1.Classifier") == "SERVING"
-    assert info.model_version == model.version and info.model_sha256 == file_sha256(cnn_model_file)
+    assert info.model_version == "1" and info.model_sha256 == file_sha256(cnn_model_file)
     assert info.architecture == "cnn" and info.class_names == ("eva", "not_eva") and info.positive_class == "eva"
     assert info.input_shape == (3, 128, 128) and info.metadata["model_version"] == model.version
     assert info.max_batch_size == 8 and "cpu" in info.device
@@ -201,7 +201,7 @@ def test_cli_end_to_end(cnn_server, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "label", "probability", "logit"]
     rows = [line for line in lines[1:] if line.startswith(str(tmp_path))]
-    assert len(rows) == len(paths) and lines[-1].startswith("model version: cnn-")
+    assert len(rows) == len(paths) and lines[-1].startswith("model version: 1")
 
     saliency = tmp_path / "saliency.png"
     result = run_cli(cnn_server.target, "probe", str(paths[0]), "--label", "eva", "--saliency", str(saliency))

@@ -24,14 +24,14 @@ import torch
 import yaml
 
 from bitmoji.server.config import ENV_PREFIX, ServerConfig, parse_config
-from bitmoji.server.main import default_torch_threads
+from bitmoji.server.server import default_torch_threads
 from bitmoji.v1 import classifier_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 CLASSIFIER = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 KSERVE = "inference.GRPCInferenceService"
-HEALTH_NAMES = {"", CLASSIFIER, KSERVE}  # the health service names server/main.py sets
+HEALTH_NAMES = {"", CLASSIFIER, KSERVE, "bitmoji.v1.ModelRepository"}  # the health service names server/server.py sets
 VARIANTS = {"cpu": DEPLOY, "gpu": DEPLOY / "gpu"}
 SHUTDOWN_MARGIN_S = 5  # after preStop + the drain: the last batch, the process exit
 

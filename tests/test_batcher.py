@@ -1,6 +1,6 @@
-"""The server's parts in-process (no subprocess, no gRPC): configuration, and the batcher's timing,
-grouping, ordering and failure rules with a real model on the real model threads; the choice of
-Classify's forward module (--optimize).
+"""The batcher and the served model in-process (no subprocess, no gRPC): the batcher's timing, grouping,
+ordering and failure rules with a real model on the real model threads; the choice of Classify's
+forward module (--optimize).
 """
 
 from __future__ import annotations
@@ -10,61 +10,16 @@ import time
 
 import pytest
 import torch
-from conftest import export_test_model
+from helpers import export_test_model
 from torch import nn
 
 from bitmoji.core import modelfile
 from bitmoji.server.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
-from bitmoji.server.config import ServerConfig, parse_config
 from bitmoji.server.inputs import InputError
 from bitmoji.server.metrics import Metrics
 from bitmoji.server.model import ServedModel
 
 # -- configuration ----------------------------------------------------------------
-
-
-def test_flags_environment_and_defaults():
-    env = {
-        "BITMOJI_MODEL": "m.pt",
-        "BITMOJI_MAX_BATCH_SIZE": "8",
-        "BITMOJI_MAX_BATCH_DELAY_MS": "0.5",
-        "BITMOJI_DISABLE_GRADIENT_PROBE": "1",
-    }
-    config = parse_config([], environ=env)
-    assert (config.model, config.max_batch_size, config.max_batch_delay_ms, config.gradient_probe) == (
-        "m.pt",
-        8,
-        0.5,
-        False,
-    )
-    assert config.port == 50051 and config.metrics_port == 9464 and config.host == "127.0.0.1"
-    config = parse_config(["--model", "x.pt", "--max-batch-size", "16", "--input-shape", "3,64,64"], environ=env)
-    assert (config.model, config.max_batch_size, config.input_shape) == ("x.pt", 16, (3, 64, 64))  # flags win
-    assert parse_config(["--model", "x.pt", "--disable-gradient-probe"], environ={}).gradient_probe is False
-    assert parse_config(["--model", "x.pt"], environ={}).gradient_probe is True
-
-
-@pytest.mark.parametrize(
-    "argv, env",
-    [
-        (["--max-queue", "10", "--max-items-per-call", "20"], {}),  # a call could never fit the queue
-        (["--max-batch-size", "0"], {}),
-        ([], {"BITMOJI_MAX_BATCH_SIZE": "lots"}),
-        (["--device", "tpu"], {}),
-        (["--log-level", "chatty"], {}),
-        (["--optimize", "fast"], {}),
-    ],
-)
-def test_bad_configuration_is_refused_with_usage(argv, env, capsys):
-    with pytest.raises(SystemExit) as info:
-        parse_config(["--model", "m.pt", *argv], environ=env)
-    assert info.value.code == 2
-    assert "bitmoji-serve: error:" in capsys.readouterr().err
-
-
-def test_config_is_frozen():
-    with pytest.raises(AttributeError):
-        ServerConfig(model="m.pt").max_batch_size = 3
 
 
 # -- the batcher ------------------------------------------------------------------
@@ -79,6 +34,9 @@ class SumNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1).sum(1, keepdim=True) * self.scale
+
+
+VERSION = {"model": "m", "version": "1"}
 
 
 def served(tmp_path, scale: float = 1.0) -> ServedModel:
@@ -107,7 +65,7 @@ def run_batcher(model: ServedModel, scenario, **settings):
     options = {"decode": decode, "max_batch_size": 32, "max_delay_s": 0.3, "max_queue": 64, "threads": 1, **settings}
 
     async def main():
-        batcher = Batcher(model, metrics=metrics, **options)
+        batcher = Batcher(model, metrics=metrics.version_metrics("m", "1"), **options)
         batcher.start()
         try:
             return await asyncio.wait_for(scenario(batcher), 10)
@@ -130,7 +88,7 @@ def test_a_lonely_caller_does_not_wait(tmp_path, threads):
     async def scenario(batcher):
         started = time.monotonic()
         results, model = await batcher.run(items(1), arrived=started)
-        return time.monotonic() - started, results, model.version
+        return time.monotonic() - started, results, model.build
 
     (elapsed, results, version), _ = run_batcher(served(tmp_path), scenario, max_delay_s=1.0, threads=threads)
     assert logits(results) == [2.0] and version == "sum-1.0"
@@ -171,8 +129,10 @@ def test_concurrent_calls_share_a_batch_and_each_gets_its_own_results_in_order(t
 
     ((first, _), (second, _)), metrics = run_batcher(served(tmp_path), scenario)
     assert logits(first) == [2.0, 4.0, 6.0] and logits(second) == [20.0, 40.0]
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_count") == 2  # the blocker's, then one for both calls
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum") == 6
+    assert (
+        metrics.registry.get_sample_value("bitmoji_batch_size_count", VERSION) == 2
+    )  # the blocker's, then one for both calls
+    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum", VERSION) == 6
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -183,8 +143,8 @@ def test_a_big_call_is_split_into_batches_and_items_of_other_shapes_never_share_
     (results, _), metrics = run_batcher(served(tmp_path), scenario, max_batch_size=4, threads=threads)
     assert logits(results) == [2.0, 4.0, 6.0, 8.0, 10.0, 3.0, 12.0]
     sizes = (
-        metrics.registry.get_sample_value("bitmoji_batch_size_sum"),
-        metrics.registry.get_sample_value("bitmoji_batch_size_count"),
+        metrics.registry.get_sample_value("bitmoji_batch_size_sum", VERSION),
+        metrics.registry.get_sample_value("bitmoji_batch_size_count", VERSION),
     )
     assert sizes == (7, 3)  # [1 2 3 4] then [5 6] and the one of shape (3,)
 
@@ -205,7 +165,9 @@ def test_an_item_that_fails_to_decode_fails_its_call_only(tmp_path):
     assert logits(good[0]) == [2.0, 4.0]
     assert isinstance(bad, InputError) and str(bad) == "inputs[1]: bad item"  # the first failing item
     assert isinstance(buggy, BatchFailed) and "internal error decoding inputs[0]: KeyError" in str(buggy)
-    assert metrics.registry.get_sample_value("bitmoji_batch_size_sum") == 3  # "slow", then 1 and 2: no item of `bad`
+    assert (
+        metrics.registry.get_sample_value("bitmoji_batch_size_sum", VERSION) == 3
+    )  # "slow", then 1 and 2: no item of `bad`
 
 
 def test_the_queue_is_bounded(tmp_path):
@@ -221,7 +183,7 @@ def test_the_queue_is_bounded(tmp_path):
 
     results, metrics = run_batcher(served(tmp_path), scenario, max_queue=4)
     assert logits(results) == [2.0, 4.0, 6.0, 8.0]
-    assert metrics.registry.get_sample_value("bitmoji_queue_depth") == 0
+    assert metrics.registry.get_sample_value("bitmoji_queue_depth", VERSION) == 0
 
 
 def test_closing_answers_every_queued_call(tmp_path):
@@ -245,11 +207,11 @@ def test_swap_model_serves_the_new_model_from_the_next_batch(tmp_path):
         before = await batcher.run(items(1), arrived=time.monotonic())
         old = batcher.swap_model(new)
         after = await batcher.run(items(1), arrived=time.monotonic())
-        return before, after, old.version
+        return before, after, old.build
 
     ((before, m1), (after, m2), old), _ = run_batcher(served(tmp_path), scenario)
-    assert (logits(before), m1.version, old) == ([2.0], "sum-1.0", "sum-1.0")
-    assert (logits(after), m2.version) == ([20.0], "sum-10.0")
+    assert (logits(before), m1.build, old) == ([2.0], "sum-1.0", "sum-1.0")
+    assert (logits(after), m2.build) == ([20.0], "sum-10.0")
 
 
 def test_model_threads_run_with_the_servers_torch_thread_count(tmp_path):
@@ -349,11 +311,3 @@ def test_an_optimized_copy_that_answers_differently_or_cannot_be_made_is_not_ser
     monkeypatch.setattr(bitmoji.server.model, "optimize_for_inference", cannot)
     same, why = plain.optimized(4, "on")
     assert same is plain and why.startswith("as loaded (could not optimize: RuntimeError")
-
-
-def test_optimize_flag_and_environment():
-    assert parse_config(["--model", "m.pt"], environ={}).optimize == "auto"
-    assert parse_config(["--model", "m.pt"], environ={"BITMOJI_OPTIMIZE": "off"}).optimize == "off"
-    assert parse_config(["--model", "m.pt", "--optimize", "on"], environ={"BITMOJI_OPTIMIZE": "off"}).optimize == "on"
-    with pytest.raises(ValueError, match="--optimize must be one of"):
-        ServerConfig(model="m.pt", optimize="fast")

@@ -2,7 +2,7 @@
 
 One server process serves the whole module (starting one costs seconds);
 tests that count metrics compare scrapes taken before and after their calls.
-The helpers at the top are shared with test_server_*.py.
+The server serves one file (`--model`): model `bitmoji`, version 1.
 """
 
 from __future__ import annotations
@@ -10,101 +10,36 @@ from __future__ import annotations
 import io
 import json
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from helpers import (
+    expected_logits,
+    from_proto,
+    health_status,
+    image_input,
+    rpc_error,
+    sample,
+    scrape,
+    start_server,
+    synthetic_images,
+    tensor_input,
+    total,
+)
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from bitmoji.core.gradients import gradient_probe
 from bitmoji.core.modelfile import load_model
 from bitmoji.core.preprocess import load_image, to_model_input
+from bitmoji.server.saliency import figure_size
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-NUMPY_DTYPES = {
-    pb.DATA_TYPE_FLOAT32: "<f4",
-    pb.DATA_TYPE_FLOAT64: "<f8",
-    pb.DATA_TYPE_FLOAT16: "<f2",
-    pb.DATA_TYPE_UINT8: "u1",
-}
-
-# -- helpers (also used by test_server_*.py) ------------------------------------
-
-
-def png(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
-    out = io.BytesIO()
-    image = Image.fromarray(array)
-    if mode:
-        image = image.convert(mode)
-    image.save(out, format=fmt)
-    return out.getvalue()
-
-
-def synthetic_images(n: int, seed: int = 0) -> list[bytes]:
-    """Distinct images in several formats, modes and sizes (so each caller's answer is its own)."""
-    rng = np.random.default_rng(seed)
-    kinds = [("PNG", None, (128, 128)), ("PNG", "RGBA", (150, 200)), ("JPEG", "L", (64, 64)), ("PNG", "P", (128, 129))]
-    images = []
-    for i in range(n):
-        fmt, mode, (h, w) = kinds[i % len(kinds)]
-        # smooth gradients + noise: different per image, and not all noise (so JPEG is realistic)
-        base = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
-        array = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-        images.append(png(array, fmt, mode))
-    return images
-
-
-def image_input(data: bytes) -> pb.Input:
-    return pb.Input(image=data)
-
-
-def tensor_input(tensor: torch.Tensor, dtype: int = pb.DATA_TYPE_FLOAT32) -> pb.Input:
-    array = tensor.detach().cpu().numpy().astype(NUMPY_DTYPES[dtype])
-    return pb.Input(tensor=pb.Tensor(dtype=dtype, shape=list(array.shape), data=array.tobytes()))
-
-
-def from_proto(tensor: pb.Tensor) -> torch.Tensor:
-    assert tensor.dtype == pb.DATA_TYPE_FLOAT32
-    return torch.from_numpy(np.frombuffer(tensor.data, dtype="<f4").copy()).reshape(list(tensor.shape))
-
-
-def scrape(server) -> dict:
-    """All samples of the server's /metrics: {(name, sorted label items): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value
-
-
-def health_status(channel, service: str = "") -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-
-
-def expected_logits(module, inputs: torch.Tensor) -> list[float]:
-    with torch.inference_mode():
-        return module(inputs).reshape(-1).tolist()
 
 
 # -- the CNN server ---------------------------------------------------------------
@@ -149,7 +84,7 @@ def _expected_predictions(loaded, images: list[bytes]) -> list[float]:
 
 
 def _assert_predictions(response, logits: list[float], loaded):
-    assert response.model_version == loaded.version
+    assert (response.model_name, response.model_version, response.model_build) == ("bitmoji", "1", loaded.version)
     assert len(response.predictions) == len(logits)
     positive = loaded.positive_class
     negative = next(n for n in loaded.class_names if n != positive)
@@ -221,11 +156,9 @@ def test_concurrent_calls_are_batched_and_each_caller_gets_its_own_answers(cnn, 
     for i, logit in results:
         assert logit == pytest.approx(expected[i], abs=1e-4, rel=1e-4), f"caller of image {i} got another's answer"
     after = scrape(cnn)
-    batches = sample(after, "bitmoji_batch_size_count") - sample(before, "bitmoji_batch_size_count")
-    items = sample(after, "bitmoji_batch_size_sum") - sample(before, "bitmoji_batch_size_sum")
-    singles = sample(after, "bitmoji_batch_size_bucket", le="1.0") - sample(
-        before, "bitmoji_batch_size_bucket", le="1.0"
-    )
+    batches = total(after, "bitmoji_batch_size_count") - total(before, "bitmoji_batch_size_count")
+    items = total(after, "bitmoji_batch_size_sum") - total(before, "bitmoji_batch_size_sum")
+    singles = total(after, "bitmoji_batch_size_bucket", le="1.0") - total(before, "bitmoji_batch_size_bucket", le="1.0")
     assert items == threads * calls_each
     assert batches < items and singles < batches, f"{items} items in {batches} batches ({singles} of one): no batching"
 
@@ -298,12 +231,12 @@ def test_malformed_inputs_get_invalid_argument_naming_the_item_and_the_server_ke
         == 1
     )
     after = scrape(cnn)
-    delta = sample(after, "bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT") - sample(
+    delta = total(after, "bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT") - total(
         before, "bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT"
     )
     assert delta == len(bad)
     # nothing that was refused is still counted as queued
-    assert sample(after, "bitmoji_queue_depth") == 0
+    assert total(after, "bitmoji_queue_depth") == 0
 
 
 def test_metrics_count_calls_by_method_and_code(cnn, stub):
@@ -316,12 +249,15 @@ def test_metrics_count_calls_by_method_and_code(cnn, stub):
     after = scrape(cnn)
 
     def delta(name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        return total(after, name, **labels) - total(before, name, **labels)
 
-    assert delta("bitmoji_requests_total", method="Classify", code="OK") == 3
-    assert delta("bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
-    assert delta("bitmoji_requests_total", method="GetModelInfo", code="OK") == 1
+    version = {"model": "bitmoji", "version": "1"}
+    assert delta("bitmoji_requests_total", method="Classify", code="OK", **version) == 3
+    # refused before a model version was chosen: no model labels
+    assert delta("bitmoji_requests_total", method="Classify", code="INVALID_ARGUMENT", model="", version="") == 1
+    assert delta("bitmoji_requests_total", method="GetModelInfo", code="OK", **version) == 1
     assert delta("bitmoji_request_duration_seconds_count", method="Classify") == 4
+    assert delta("bitmoji_items_total", **version) == 6
     assert delta("bitmoji_items_total") == 6
     assert delta("bitmoji_preprocess_duration_seconds_count") == 6
     assert delta("bitmoji_queue_wait_seconds_count") == 6
@@ -333,9 +269,13 @@ def test_metrics_count_calls_by_method_and_code(cnn, stub):
     assert delta("bitmoji_serialization_duration_seconds_sum", method="Classify", direction="request") > 0
     assert sample(after, "bitmoji_torch_threads") >= 1
     assert sample(after, "bitmoji_inflight_requests") == 0
-    info = [labels for (name, labels), value in after.items() if name == "bitmoji_model_info" and value == 1]
-    assert len(info) == 1 and dict(info[0])["device"] == "cpu" and dict(info[0])["architecture"] == "cnn"
+    info = [dict(labels) for (name, labels), value in after.items() if name == "bitmoji_model_info" and value == 1]
+    assert len(info) == 1 and info[0]["device"] == "cpu" and info[0]["architecture"] == "cnn"
+    assert (info[0]["model"], info[0]["version"]) == ("bitmoji", "1")
     assert delta("bitmoji_items_dropped_total", reason="cancelled") == 0
+    # the process and build metrics a dashboard needs, on a plain server
+    assert sample(after, "process_resident_memory_bytes") > 0 and sample(after, "process_open_fds") > 0
+    assert total(after, "bitmoji_build_info") == 1 and sample(after, "bitmoji_serving") == 1
 
 
 def test_the_cnn_server_says_which_forward_module_classify_runs(cnn, stub):
@@ -345,7 +285,9 @@ def test_the_cnn_server_says_which_forward_module_classify_runs(cnn, stub):
 
 def test_get_model_info(stub, cnn_loaded):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-    assert info.model_version == cnn_loaded.version
+    assert (info.model_name, info.model_version, info.model_build) == ("bitmoji", "1", cnn_loaded.version)
+    assert [(v.version, v.state) for v in info.status.versions] == [("1", pb.MODEL_STATE_READY)]
+    assert info.status.default_version == "1" and info.status.versions[0].memory_bytes > 0
     assert info.architecture == "cnn"
     assert list(info.class_names) == cnn_loaded.class_names
     assert info.positive_class == cnn_loaded.positive_class
@@ -365,9 +307,10 @@ def test_reflection_lists_the_services(cnn_channel):
     assert "bitmoji.v1.Classifier" in services and "grpc.health.v1.Health" in services
 
 
-def test_health_serving_for_the_server_and_the_service(cnn_channel):
-    assert health_status(cnn_channel, "") == health_pb2.HealthCheckResponse.SERVING
-    assert health_status(cnn_channel, "bitmoji.v1.Classifier") == health_pb2.HealthCheckResponse.SERVING
+def test_health_serving_for_the_server_the_services_and_the_model(cnn_channel):
+    for service in ("", "bitmoji.v1.Classifier", "bitmoji.v1.ModelRepository", "bitmoji.v1.Classifier/bitmoji"):
+        assert health_status(cnn_channel, service) == health_pb2.HealthCheckResponse.SERVING, service
+    assert rpc_error(health_status, cnn_channel, "bitmoji.v1.Classifier/nope").code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_unknown_method_is_unimplemented(cnn_channel):
@@ -389,7 +332,7 @@ def test_gradient_probe_on_the_cnn_equals_in_process_autograd(stub, cnn_loaded):
     response = stub.GradientProbe(request, timeout=60)
     x = to_model_input(torch.stack([load_image(b) for b in images]))
     want = gradient_probe(cnn_loaded.module, x, torch.tensor([1.0, 0.0]), "bce")
-    assert response.model_version == cnn_loaded.version
+    assert (response.model_name, response.model_version, response.model_build) == ("bitmoji", "1", cnn_loaded.version)
     assert response.loss == pytest.approx(want.loss, rel=1e-5)
     torch.testing.assert_close(from_proto(response.outputs), want.outputs, atol=1e-5, rtol=1e-5)
     assert [p.name for p in response.parameters] == [p.name for p in want.parameters]
@@ -403,7 +346,7 @@ def test_gradient_probe_on_the_cnn_equals_in_process_autograd(stub, cnn_loaded):
     for i, item in enumerate(response.input_gradients):
         torch.testing.assert_close(from_proto(item.gradient), want.input_gradient[i], atol=1e-7, rtol=1e-4)
         with Image.open(io.BytesIO(item.saliency_png)) as heat_map:
-            assert heat_map.format == "PNG" and heat_map.size == (128, 128)
+            assert heat_map.format == "PNG" and heat_map.size == figure_size(128, 128)
     # the classifier's default loss is bce; without include_values no values travel
     default = stub.GradientProbe(pb.GradientProbeRequest(inputs=request.inputs, targets=[1.0, 0.0]), timeout=60)
     assert default.loss == pytest.approx(response.loss, rel=1e-6)

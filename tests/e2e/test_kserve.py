@@ -8,14 +8,16 @@ that contradict the shape) go through tritonclient's own generated stubs.
 
 tritonclient carries its own copy of the `inference.*` protobuf messages, so
 this process must never import the server's (`bitmoji.server.kserve`,
-`inference.grpc_service_pb2`): protobuf refuses duplicate symbols.
+`bitmoji.inference.grpc_service_pb2`): protobuf refuses duplicate symbols.
 """
 
 from __future__ import annotations
 
 import sys
 
-if "inference.grpc_service_pb2" in sys.modules:  # pragma: no cover - a test elsewhere imported bitmoji.server.kserve
+if (
+    "bitmoji.inference.grpc_service_pb2" in sys.modules
+):  # pragma: no cover - a test elsewhere imported bitmoji.server.kserve
     raise ImportError(
         "the server's inference stubs are loaded in this process; tritonclient's cannot be (see the docstring)"
     )
@@ -25,9 +27,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
-from conftest import start_server
 from grpc_health.v1 import health_pb2
-from test_server import health_status, image_input, sample, scrape, synthetic_images, tensor_input
+from helpers import health_status, image_input, sample, scrape, start_server, synthetic_images, tensor_input, total
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
@@ -120,7 +121,8 @@ def test_live_and_ready(client, loaded, channel):
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready(MODEL)
-    assert client.is_model_ready(MODEL, model_version=loaded.version)
+    assert client.is_model_ready(MODEL, model_version="1")
+    assert not client.is_model_ready(MODEL, model_version="2")  # the repository has no version 2
     # the same readiness as the health service, which lists the KServe service too
     assert health_status(channel, KSERVE) == health_pb2.HealthCheckResponse.SERVING
 
@@ -130,6 +132,7 @@ def test_another_model_or_version_is_not_found(client):
         lambda: client.is_model_ready("bitmoji"),  # the default name: this server was given another
         lambda: client.get_model_metadata("bitmoji"),
         lambda: client.get_model_metadata(MODEL, model_version="no-such-version"),
+        lambda: client.get_model_metadata(MODEL, model_version="2"),
         lambda: client.infer("bitmoji", [fp32_input(np.zeros((1, 3, 128, 128), np.float32))], client_timeout=TIMEOUT),
     ):
         error = refused(call)
@@ -141,13 +144,13 @@ def test_server_metadata(client):
     metadata = client.get_server_metadata()
     assert metadata.name == "bitmoji-serve"
     assert metadata.version  # the package's version
-    assert list(metadata.extensions) == []
+    assert list(metadata.extensions) == ["model_repository"]
 
 
 def test_model_metadata_describes_every_input_and_output(client, loaded):
     metadata = client.get_model_metadata(MODEL, as_json=True)
     assert metadata["name"] == MODEL
-    assert metadata["versions"] == [loaded.version]
+    assert metadata["versions"] == ["1"]
     assert metadata["platform"] == "pytorch_torchscript"
     tensors = lambda key: [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata[key]]  # noqa: E731
     assert tensors("inputs") == [("image", "FP32", [-1, 3, 128, 128]), ("image_bytes", "BYTES", [-1])]
@@ -286,8 +289,8 @@ def test_metrics_count_kserve_calls_and_items(server, client):
     refused(infer, client, bytes_input([b"junk"]))
     client.is_server_ready()
     after = scrape(server)
-    delta = lambda name, **labels: sample(after, name, **labels) - sample(before, name, **labels)  # noqa: E731
-    assert delta("bitmoji_requests_total", method="ModelInfer", code="OK") == 1
+    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    assert delta("bitmoji_requests_total", method="ModelInfer", code="OK", model=MODEL, version="1") == 1
     assert delta("bitmoji_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
     assert delta("bitmoji_requests_total", method="ServerReady", code="OK") == 1
     assert delta("bitmoji_items_total") == 3  # the dynamic batcher ran them, like Classify's

@@ -12,13 +12,12 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import ROOT
-from test_server import image_input, sample, scrape, synthetic_images
+from helpers import ROOT, image_input, sample, scrape, synthetic_images, total
 
 from bitmoji.core.modelfile import load_model
 from bitmoji.core.preprocess import load_image, to_model_input
 from bitmoji.server.config import ServerConfig, parse_config
-from bitmoji.server.main import default_torch_threads
+from bitmoji.server.server import default_torch_threads
 from bitmoji.server.workers import Supervisor, worker_cores
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
@@ -90,9 +89,9 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worke
         assert [p.logit for p in response.predictions] == pytest.approx(expected, abs=1e-5)
 
     samples = scrape(server)  # the supervisor's endpoint: both workers' files, summed
-    assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls
-    assert sample(samples, "bitmoji_items_total") == 3 * calls
-    assert sample(samples, "bitmoji_request_duration_seconds_count", method="Classify") == calls
+    assert total(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls
+    assert total(samples, "bitmoji_items_total") == 3 * calls
+    assert total(samples, "bitmoji_request_duration_seconds_count", method="Classify") == calls
     threads_each = default_torch_threads(torch.device("cpu"), cores=worker_cores(ServerConfig(model="m", workers=2)))
     assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # a live gauge: summed over the two workers
     assert [labels for (name, labels), value in samples.items() if name == "bitmoji_model_info" and value == 1]
@@ -108,7 +107,7 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_restart_a_dead_worke
     assert len(_classify_on_fresh_channels(server.target, request, 4)) == 4
     samples = scrape(server)
     assert sample(samples, "bitmoji_torch_threads") == 2 * threads_each  # the dead worker's live gauge is gone
-    assert sample(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls + 4  # its counts stay
+    assert total(samples, "bitmoji_requests_total", method="Classify", code="OK") == calls + 4  # its counts stay
 
     assert server.stop() == 0, server.output()
     assert "bitmoji-serve: stopped (2 workers, 1 restarted)" in server.output()

@@ -21,11 +21,20 @@ from collections import Counter
 import grpc
 import pytest
 import torch
-from conftest import export_test_model, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_hardening_input import rss_bytes, small_image
-from test_server import image_input, sample, scrape
-from test_server_faults import FaultyNet, request, running_alone, wait_until
+from helpers import (
+    export_faulty_model,
+    export_test_model,
+    image_input,
+    rows_request,
+    rss_bytes,
+    sample,
+    scrape,
+    small_image,
+    start_server,
+    total,
+    wait_until,
+)
 from torch import nn
 
 from bitmoji.core import modelfile
@@ -33,6 +42,12 @@ from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 OK = grpc.StatusCode.OK
+request = rows_request
+
+
+def running_alone(samples) -> bool:
+    """One call in flight and nothing queued: its item is in the model."""
+    return total(samples, "bitmoji_inflight_requests") == 1 and total(samples, "bitmoji_queue_depth") == 0
 
 
 def calibrate(module, seconds: float) -> int:
@@ -52,10 +67,7 @@ def calibrate(module, seconds: float) -> int:
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "slow.pt"
-    modelfile.export_torchscript(
-        FaultyNet(), path, {"model_version": "slow-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]])
-    )
+    path = export_faulty_model(tmp_path_factory.mktemp("models") / "slow.pt", "slow-1")
     return path, calibrate(modelfile.load_model(path).module, 0.001)  # iterations per millisecond
 
 
@@ -139,7 +151,7 @@ def test_more_callers_than_the_queue_holds_get_ok_or_resource_exhausted_and_memo
     assert took < 4.0 + 10, "calls hung"
     assert after - before < 64 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MiB"
     samples = wait_until(slow, lambda s: sample(s, "bitmoji_inflight_requests") == 0)
-    assert sample(samples, "bitmoji_queue_depth") == 0
+    assert total(samples, "bitmoji_queue_depth") == 0
 
 
 # -- a client that disconnects mid-batch -------------------------------------------------
@@ -153,13 +165,13 @@ def test_a_client_that_disconnects_mid_batch_does_not_disturb_the_rest_of_its_ba
         wait_until(slow, running_alone)
         victim_channel = grpc.insecure_channel(slow.target)
         victim = pb_grpc.ClassifierStub(victim_channel).Classify.future(request([9.0, ms(slow_model, 600)]), timeout=30)
-        wait_until(slow, lambda s: sample(s, "bitmoji_queue_depth") == 1)  # the victim's item is queued first
+        wait_until(slow, lambda s: total(s, "bitmoji_queue_depth") == 1)  # the victim's item is queued first
         others = [stub.Classify.future(request([0.1 * (i + 1), ms(slow_model, 600)]), timeout=30) for i in range(3)]
-        wait_until(slow, lambda s: sample(s, "bitmoji_queue_depth") == 4)
+        wait_until(slow, lambda s: total(s, "bitmoji_queue_depth") == 4)
         if phase == "in the forward pass":  # the blocker ends; the four queued items run as one batch
             assert blocker.result().predictions[0].logit == 1.0
             wait_until(
-                slow, lambda s: sample(s, "bitmoji_queue_depth") == 0 and sample(s, "bitmoji_inflight_requests") == 4
+                slow, lambda s: total(s, "bitmoji_queue_depth") == 0 and sample(s, "bitmoji_inflight_requests") == 4
             )
         victim_channel.close()  # the client goes away: its call is cancelled under the server
         assert victim.exception(timeout=30).code() == grpc.StatusCode.CANCELLED  # "Channel closed!"
@@ -168,7 +180,7 @@ def test_a_client_that_disconnects_mid_batch_does_not_disturb_the_rest_of_its_ba
     after = wait_until(slow, lambda s: sample(s, "bitmoji_inflight_requests") == 0)
 
     def delta(name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        return total(after, name, **labels) - total(before, name, **labels)
 
     assert delta("bitmoji_requests_total", method="Classify", code="OK") == 8
     assert delta("bitmoji_requests_total", method="Classify", code="CANCELLED") == 2
@@ -201,7 +213,7 @@ def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exi
         "20",
         "--disable-gradient-probe",
     )
-    row = [0.5, ms(slow_model, 25)]  # 25 ms per batch of 4, 24 callers: about 20 calls accepted at any time
+    row = [0.5, ms(slow_model, 25)]  # 25 ms per batch of 4, 64 callers: the queue holds every caller's item
     health: list[int] = []
     signalled = threading.Event()
     signal_time: list[float] = []
@@ -238,7 +250,7 @@ def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exi
             server.proc.send_signal(signal.SIGTERM)
             signalled.set()
 
-        await asyncio.wait_for(asyncio.gather(stopper(), *(caller() for _ in range(24))), 60)
+        await asyncio.wait_for(asyncio.gather(stopper(), *(caller() for _ in range(64))), 60)
         await channel.close()
         return calls
 
@@ -252,20 +264,16 @@ def test_sigterm_under_load_answers_every_accepted_call_refuses_new_ones_and_exi
     codes = Counter(code for _, _, code, _ in calls)
     in_flight = [c for c in calls if c[0] < t < c[1]]
     print(f"\nSIGTERM under load: {dict(codes)}; {len(in_flight)} calls in flight at the signal")
-    # Calls still in transit when the signal came end UNAVAILABLE (not taken) or, when gRPC had read them
-    # but not yet handed them to the server, CANCELLED as the port closes; never anything else.
-    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, [
-        c for c in calls if c[2] not in ("OK", "UNAVAILABLE", "CANCELLED")
-    ][:5]
+    # The drain refuses new calls with UNAVAILABLE (retryable) and answers every call it accepted: no call is
+    # CANCELLED under a caller who did not cancel it, so a retrying client loses nothing.
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, [c for c in calls if c[2] not in ("OK", "UNAVAILABLE")][:5]
     assert not [c for c in calls if "before this call ran" in c[3]], "an accepted call was dropped"
     assert codes["UNAVAILABLE"] >= 1, "nothing was refused after the signal"
-    # The server says how many calls it had accepted when the signal came; every one of them was answered.
+    # The server says how many calls it had accepted when it began refusing; every one of them was answered.
     line = next(line for line in server.output().splitlines() if "draining" in line)
     accepted = int(line.split("draining ")[1].split()[0])
     answered_after = sum(1 for started, ended, code, _ in calls if code == "OK" and ended > t)
     assert accepted >= 8 and answered_after >= accepted, (accepted, answered_after, line)
-    last_answer = max(ended for _, ended, code, _ in calls if code == "OK")
-    assert all(ended < last_answer for _, ended, code, _ in calls if code == "CANCELLED"), "cancelled during the drain"
     assert (
         health
         and health[0] == health_pb2.HealthCheckResponse.SERVING
@@ -316,7 +324,7 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             while not stop.is_set():
                 try:
                     versions[i].append(
-                        stub.Classify(pb.ClassifyRequest(inputs=[image_input(image)]), timeout=30).model_version
+                        stub.Classify(pb.ClassifyRequest(inputs=[image_input(image)]), timeout=30).model_build
                     )
                 except grpc.RpcError as error:
                     errors.append(f"{error.code().name}: {error.details()}")
@@ -327,7 +335,8 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
         thread.start()
 
     def reloads(result):
-        return sample(scrape(server), "bitmoji_model_reloads_total", result=result)
+        # the first load (at start) counts too
+        return sample(scrape(server), "bitmoji_model_loads_total", model="bitmoji", result=result) - (result == "ok")
 
     def model_info_version():
         info = [
@@ -335,7 +344,7 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             for (name, labels), value in scrape(server).items()
             if name == "bitmoji_model_info" and value == 1
         ]
-        return info[0]["version"]
+        return info[0]["build"]
 
     try:
         wait_until(server, lambda s: all(versions))
@@ -349,7 +358,7 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
         assert (
             pb_grpc.ClassifierStub(grpc.insecure_channel(server.target))
             .GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-            .model_version
+            .model_build
             == new_version
         )
 
@@ -360,7 +369,9 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             _replace(served, bad)
             server.proc.send_signal(signal.SIGHUP)
             wait_until(
-                server, lambda s: sample(s, "bitmoji_model_reloads_total", result="failed") >= failed, timeout=60
+                server,
+                lambda s: sample(s, "bitmoji_model_loads_total", model="bitmoji", result="failed") >= failed,
+                timeout=60,
             )
         time.sleep(0.5)  # traffic keeps flowing on the old model
     finally:

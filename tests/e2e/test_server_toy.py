@@ -11,9 +11,8 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import free_port, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_server import from_proto, image_input, rpc_error, synthetic_images, tensor_input
+from helpers import free_port, from_proto, image_input, rpc_error, start_server, synthetic_images, tensor_input
 
 from bitmoji.core.modelfile import load_model
 from bitmoji.v1 import classifier_pb2 as pb
@@ -120,7 +119,7 @@ def test_classify_raw_tensors_on_a_model_without_metadata(toy_stub, toy_model_fi
         expected = module(xs).reshape(-1).tolist()
     assert [p.logit for p in response.predictions] == pytest.approx(expected, abs=1e-6)
     assert all(p.label == "" for p in response.predictions)
-    assert response.model_version.startswith("sha256-")
+    assert response.model_version == "1" and response.model_build.startswith("sha256-")
 
 
 def test_images_are_refused_by_a_model_without_image_preprocessing(toy_stub):
@@ -133,7 +132,7 @@ def test_images_are_refused_by_a_model_without_image_preprocessing(toy_stub):
 def test_model_info_without_metadata(toy_stub):
     info = toy_stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert info.metadata_json == "{}" and not info.class_names and not info.input_shape and info.architecture == ""
-    assert info.model_version.startswith("sha256-") and len(info.model_sha256) == 64
+    assert info.model_build.startswith("sha256-") and len(info.model_sha256) == 64
 
 
 def test_sigterm_reports_not_serving_and_exits_0(toy):

@@ -14,39 +14,48 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import start_server
 from grpc_health.v1 import health_pb2
-from test_server import health_status, rpc_error, sample, scrape, tensor_input
-from torch import nn
+from helpers import (
+    export_faulty_model,
+    health_status,
+    rows_request,
+    rpc_error,
+    scrape,
+    start_server,
+    tensor_input,
+    total,
+    wait_until,
+)
 
 from bitmoji.core import modelfile
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
 SLOW_S = 0.8
+request = rows_request
 
 
-class FaultyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-        self.register_buffer("w", torch.full((64, 64), 1.0 / 64))
+def running_alone(samples) -> bool:
+    """One call in flight and nothing queued: its item is in the model."""
+    return total(samples, "bitmoji_inflight_requests") == 1 and total(samples, "bitmoji_queue_depth") == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x[:, 1] < 0).any()):
-            raise RuntimeError("injected fault")
-        h = torch.ones(64, 64)
-        for _ in range(int(x[:, 1].max())):
-            h = torch.tanh(h @ self.w)
-        return x[:, :1] * self.scale + 0.0 * h[0, 0]
+
+def wait_for_shutdown(channel, timeout: float = 10) -> None:
+    """Until health says NOT_SERVING or the server refuses calls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+        except grpc.RpcError:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the server never started shutting down")
 
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "faulty.pt"
-    modelfile.export_torchscript(
-        FaultyNet(), path, {"model_version": "faulty-1", "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]])
-    )
+    path = export_faulty_model(tmp_path_factory.mktemp("models") / "faulty.pt")
     module = modelfile.load_model(path).module
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server will run it
@@ -90,44 +99,11 @@ def stub(channel):
     return pb_grpc.ClassifierStub(channel)
 
 
-def request(*rows) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(inputs=[tensor_input(torch.tensor(row, dtype=torch.float32)) for row in rows])
-
-
-def wait_until(server, condition, timeout: float = 10) -> dict:
-    """Scrape until `condition(samples)` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(server)
-        if condition(samples):
-            return samples
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.01)
-
-
-def running_alone(samples) -> bool:
-    """One call in flight and nothing queued: its item is in the model."""
-    return sample(samples, "bitmoji_inflight_requests") == 1 and sample(samples, "bitmoji_queue_depth") == 0
-
-
-def wait_for_shutdown(channel, timeout: float = 10) -> None:
-    """Until health says NOT_SERVING or the server refuses calls."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                return
-        except grpc.RpcError:
-            return
-        time.sleep(0.01)
-    raise AssertionError("the server never started shutting down")
-
-
 def test_queue_full_gets_resource_exhausted_at_once_and_accepted_calls_are_served(faulty, stub):
     slow = [1.0, faulty.iterations]
     accepted = stub.Classify.future(request(slow, slow), timeout=30)
     # first item in the model, the second queued: one place left, the next call needs two
-    wait_until(faulty, lambda s: sample(s, "bitmoji_queue_depth") == 1 and sample(s, "bitmoji_inflight_requests") == 1)
+    wait_until(faulty, lambda s: total(s, "bitmoji_queue_depth") == 1 and total(s, "bitmoji_inflight_requests") == 1)
     started = time.monotonic()
     error = rpc_error(stub.Classify, request([0.5, 0], [0.5, 0]), timeout=30)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in error.details()
@@ -142,13 +118,13 @@ def test_items_of_expired_and_cancelled_calls_are_dropped_before_the_model(fault
     wait_until(faulty, running_alone)
     expiring = stub.Classify.future(request([0.5, 0]), timeout=SLOW_S * 0.4)
     cancelled = stub.Classify.future(request([0.5, 0]), timeout=30)
-    wait_until(faulty, lambda s: sample(s, "bitmoji_queue_depth") == 2)
+    wait_until(faulty, lambda s: total(s, "bitmoji_queue_depth") == 2)
     cancelled.cancel()
     assert expiring.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert blocker.result().model_version == "faulty-1"
+    assert blocker.result().model_build == "faulty-1"
 
     def delta(samples, name, **labels):
-        return sample(samples, name, **labels) - sample(before, name, **labels)
+        return total(samples, name, **labels) - total(before, name, **labels)
 
     after = wait_until(
         faulty,
@@ -186,12 +162,20 @@ def test_disabled_gradient_probe_is_unimplemented(stub):
 
 def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(faulty, stub, channel):
     """Runs last in this module: it stops the module's server."""
+    before = scrape(faulty)
     accepted = stub.Classify.future(request([1.0, faulty.iterations]), timeout=30)
     wait_until(faulty, running_alone)
     faulty.proc.send_signal(signal.SIGTERM)
     wait_for_shutdown(channel)
     refused = rpc_error(stub.Classify, request([0.5, 0]), timeout=10)
     assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
+    assert "shutting down" in refused.details()  # refused by the drain, not cut by grpc
+    after = scrape(faulty)
+    assert (
+        total(after, "bitmoji_refusals_total", reason="shutdown")
+        - total(before, "bitmoji_refusals_total", reason="shutdown")
+        == 1
+    )
     assert accepted.result().predictions[0].logit == 1.0
     assert faulty.proc.wait(30) == 0, faulty.output()
     assert "stopped" in faulty.output()
