@@ -1,7 +1,10 @@
 """The training loop: the lecture's, from an in-memory data set, with early stopping and resumable checkpoints.
 
-Read it top to bottom: `fit` is one linear function in the spirit of nanoGPT's
-train.py; everything it needs is in `TrainConfig`.
+Read it top to bottom: `fit` reads the run in order, in the spirit of nanoGPT's
+train.py (set-up, data, model, resume, the epoch loop, export); everything it
+needs is in `TrainConfig`. Each phase it calls is a function that can be run
+and tested on its own, as in torchvision's references/classification/train.py:
+`train_one_epoch`, `evaluate`, `save_checkpoint` / `load_checkpoint` and `export`.
 
 Under torchrun the same loop runs data-parallel (see trainer/distributed.py):
 `batch_size` stays the global batch, each rank takes its share of every
@@ -39,6 +42,7 @@ from bitmoji.trainer.models import build_model
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 DEFAULT_LR = {"mlp": 1e-4, "cnn": 2e-3}  # mlp: the lecture's
+NOT_HYPERPARAMETERS = ("data", "out", "resume", "progress")  # TrainConfig fields left out of the model's metadata
 
 
 @dataclass
@@ -88,7 +92,7 @@ class FitResult:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 8) -> torch.Tensor:
-    """Random horizontal flip, shift of up to `max_shift` pixels and brightness/contrast jitter, per image, on tensors."""
+    """Random horizontal flip, shift of up to `max_shift` pixels and brightness/contrast jitter, per image."""
     n = x.shape[0]
     r = torch.rand(n, 5, generator=generator).to(x.device)
     x = torch.where((r[:, 0] < 0.5)[:, None, None, None], x.flip(-1), x)
@@ -137,6 +141,151 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: data_module.ImageSet,
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    epoch: int,
+    epochs: int | None = None,
+    augment_generator: torch.Generator | None = None,
+    clip_grad_norm: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """One pass over `order` (this rank's samples), `batch_size` at a time: zero_grad, forward, backward, step.
+
+    `model` is what trains (the DDP wrapper under torchrun). Returns train_loss and train_accuracy over every
+    rank's samples, and each parameter's gradient norm averaged over the batches (`grad_norms`). A non-finite
+    loss or gradient raises TrainingError before the optimizer steps on it.
+    """
+    parameters = dict(distributed.unwrap(model).named_parameters())
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    grad_norm_sums = torch.zeros(len(parameters))
+    batches = range(0, len(order), batch_size)
+    desc = f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}"
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress else True)  # None: terminals
+    for start in bar:
+        x, y = images.batch(order[start : start + batch_size], device)
+        if augment_generator is not None:
+            x = augment(x, augment_generator)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x).squeeze(1)
+        loss = criterion(logits, y)
+        if not torch.isfinite(loss.detach()):
+            raise TrainingError(
+                f"epoch {epoch}: the loss became {float(loss.detach())} (try a lower --lr or --clip-grad-norm)"
+            )
+        loss.backward()  # DDP: gradients are averaged over ranks here, so the norms and the step agree everywhere
+        norms = torch.stack(torch._foreach_norm([p.grad for p in parameters.values()])).cpu()
+        if not torch.isfinite(norms).all():
+            bad = [list(parameters)[i] for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist()]
+            raise TrainingError(
+                f"epoch {epoch}: non-finite gradients in {bad} "
+                "(exploding gradients: lower --lr or set --clip-grad-norm)"
+            )
+        grad_norm_sums += norms
+        if clip_grad_norm:
+            nn.utils.clip_grad_norm_(parameters.values(), clip_grad_norm)
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int(((logits.detach() > 0).float() == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])
+    return {
+        "train_loss": loss_sum / seen,
+        "train_accuracy": correct / seen,
+        "grad_norms": dict(zip(parameters, (grad_norm_sums / len(batches)).tolist(), strict=True)),
+    }
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` hands back besides the objects it restored in place."""
+
+    epoch: int  # the last epoch it holds; training goes on from epoch + 1
+    best_model: dict  # the best epoch's state_dict, for --restore-best
+    history: list[dict]
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    epoch: int,
+    config: dict,
+    model: nn.Module,
+    best_model: dict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    stopper: EarlyStopping,
+    history: list[dict],
+    generator: torch.Generator,
+) -> None:
+    """Everything the next epoch depends on, so that --resume continues exactly as if never stopped.
+
+    Call it on every rank: it gathers each rank's random state (dropout, augmentation), and rank 0 writes.
+    """
+    rng_states = distributed.all_gather_object(_rng_state(generator))
+    if not distributed.is_main():
+        return
+    torch.save(
+        {
+            "epoch": epoch,
+            "config": config,
+            "model": model.state_dict(),
+            "best_model": best_model,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "early_stopping": stopper.state_dict(),
+            "history": history,
+            "rng": rng_states,
+        },
+        path,
+    )
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    stopper: EarlyStopping,
+    generator: torch.Generator,
+) -> Checkpoint | None:
+    """Restore what `save_checkpoint` wrote into these objects (None, and nothing changed, when there is no file).
+
+    Call it on every rank: rank 0 reads the file (weights only: a checkpoint cannot run code) and sends it to
+    the others, so no shared file system is needed.
+    """
+    ckpt = None
+    if distributed.is_main() and path.exists():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = distributed.broadcast_object(ckpt)
+    if ckpt is None:
+        return None
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    stopper.load_state_dict(ckpt["early_stopping"])
+    rng_states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
+    world = distributed.world_size()
+    if len(rng_states) == world:
+        _set_rng_state(rng_states[distributed.rank()], generator)
+    else:
+        distributed.print0(
+            f"--resume: the checkpoint holds {len(rng_states)} process(es)' random states, this run has {world}: "
+            "dropout/augmentation restart from the seed"
+        )
+    return Checkpoint(ckpt["epoch"], ckpt["best_model"], ckpt["history"])
+
+
 def write_history(out: Path, history: list[dict]) -> None:
     (out / "history.json").write_text(json.dumps(history, indent=2))
     scalar_keys = [k for k in history[0] if not isinstance(history[0][k], dict)] if history else []
@@ -144,6 +293,55 @@ def write_history(out: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=scalar_keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+
+
+def export(
+    model: nn.Module,
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    train: data_module.ImageSet,
+    valid: data_module.ImageSet,
+    history: list[dict],
+    stopper: EarlyStopping,
+    served_epoch: int,
+    stop_reason: str,
+    processes: int,
+) -> tuple[Path, dict]:
+    """Write the run's outputs: OUT/model.pt (TorchScript with its metadata, verified), history.json/csv, curves.png.
+
+    `model` holds the weights to serve, those of epoch `served_epoch`. Returns the model file's path and metadata.
+    """
+    scalars = lambda row: {k: v for k, v in row.items() if not isinstance(v, dict)}  # noqa: E731
+    metadata = build_metadata(
+        architecture=cfg.arch,
+        class_names=train.class_names,
+        positive_class=train.positive_class,
+        model=model,
+        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in NOT_HYPERPARAMETERS}
+        | {"processes": processes},
+        metrics={
+            "final": scalars(history[-1]),
+            "best": scalars(history[served_epoch - 1]),
+            "served_epoch": served_epoch,
+            "stop_reason": stop_reason,
+        },
+        data_fingerprint=data_module.fingerprint(train, valid),
+    )
+    plain = build_model(cfg.arch, dropout=cfg.dropout)  # plain BatchNorm again: SyncBatchNorm cannot be scripted
+    plain.load_state_dict(model.state_dict())
+    model_path = export_model(plain, out / MODEL_FILE, metadata)
+    write_history(out, history)
+    from bitmoji.trainer.plots import plot_curves  # matplotlib is slow to import; only needed here
+
+    plot_curves(
+        history,
+        out / "curves.png",
+        stopped_epoch=stopper.stopped_epoch,
+        best_epoch=stopper.best_epoch,
+        title=f"{cfg.arch} on {Path(cfg.data).name}",
+    )
+    return model_path, metadata
 
 
 def fit(config: TrainConfig) -> FitResult:
@@ -170,7 +368,8 @@ def fit(config: TrainConfig) -> FitResult:
     train, valid = data_module.load_dataset(cfg.data, cfg.positive_class, progress=progress)
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     print0(
-        f"data: {len(train)} train / {len(valid)} valid images, classes {train.class_names}, positive {train.positive_class!r}"
+        f"data: {len(train)} train / {len(valid)} valid images, "
+        f"classes {train.class_names}, positive {train.positive_class!r}"
     )
 
     # model, loss, optimizer
@@ -188,29 +387,17 @@ def fit(config: TrainConfig) -> FitResult:
     best_state = copy.deepcopy(model.state_dict())
     start_epoch = 1
 
+    # resume: model, optimizer, schedule, early stopping, history and every rank's random state
     checkpoint_path = out / CHECKPOINT
-    ckpt = None
-    if master and cfg.resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    ckpt = distributed.broadcast_object(ckpt)  # rank 0 reads it, every rank loads it: no shared file system needed
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        stopper.load_state_dict(ckpt["early_stopping"])
-        best_state, history = ckpt["best_model"], ckpt["history"]
-        rng_states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
-        if len(rng_states) == world:
-            _set_rng_state(rng_states[rank], generator)
+    if cfg.resume:
+        ckpt = load_checkpoint(
+            checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, stopper=stopper, generator=generator
+        )
+        if ckpt is None:
+            print0(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
         else:
-            print0(
-                f"--resume: the checkpoint holds {len(rng_states)} process(es)' random states, this run has {world}: dropout/augmentation restart from the seed"
-            )
-        start_epoch = ckpt["epoch"] + 1
-        print0(f"resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
-    elif cfg.resume:
-        print0(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
+            best_state, history, start_epoch = ckpt.best_model, ckpt.history, ckpt.epoch + 1
+            print0(f"resumed from {checkpoint_path} after epoch {ckpt.epoch}")
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(
@@ -219,60 +406,41 @@ def fit(config: TrainConfig) -> FitResult:
     if world > 1:
         print0(f"data parallel: {world} processes, {local_batch_size} samples each per batch of {cfg.batch_size}")
     ddp_model = distributed.wrap(model, device)  # trains `model` (same parameters); `model` is what we save
-    param_names = [name for name, _ in model.named_parameters()]
+
+    # the loop: train, validate, decide whether to stop, checkpoint
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopper.stopped_epoch >= 0:
             break  # a resumed run that had already stopped
         epoch_start = time.perf_counter()
-        ddp_model.train()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))  # this rank's samples: every world-th of the epoch's permutation
-        loss_sum, correct, seen = 0.0, 0, 0
-        grad_norm_sums = torch.zeros(len(param_names))
-        batches = range(0, len(order), local_batch_size)
-        bar = tqdm(
-            batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None if progress else True
-        )  # None: terminals only
-        for start in bar:
-            x, y = train.batch(order[start : start + local_batch_size], device)
-            if cfg.augment:
-                x = augment(x, generator)
-            optimizer.zero_grad(set_to_none=True)
-            logits = ddp_model(x).squeeze(1)
-            loss = criterion(logits, y)
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(
-                    f"epoch {epoch}: the loss became {float(loss)} (try a lower --lr or --clip-grad-norm)"
-                )
-            loss.backward()  # DDP: the gradients are averaged over ranks here, so the norms and the step agree everywhere
-            norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).cpu()
-            if not torch.isfinite(norms).all():
-                bad = [param_names[i] for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist()]
-                raise TrainingError(
-                    f"epoch {epoch}: non-finite gradients in {bad} (exploding gradients: lower --lr or set --clip-grad-norm)"
-                )
-            grad_norm_sums += norms
-            if cfg.clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int(((logits.detach() > 0).float() == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        train_metrics = train_one_epoch(
+            ddp_model,
+            criterion,
+            optimizer,
+            train,
+            order,
+            local_batch_size,
+            device,
+            epoch=epoch,
+            epochs=cfg.epochs,
+            augment_generator=generator if cfg.augment else None,
+            clip_grad_norm=cfg.clip_grad_norm,
+            progress=progress,
+        )
         if scheduler is not None:
             scheduler.step()
-        loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])
         distributed.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, which it saves, on every rank
         valid_loss, valid_acc = evaluate(model, valid, device)
         row = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": train_metrics["train_loss"],
+            "train_accuracy": train_metrics["train_accuracy"],
             "valid_loss": valid_loss,
             "valid_accuracy": valid_acc,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - epoch_start,
-            "grad_norms": dict(zip(param_names, (grad_norm_sums / len(batches)).tolist())),
+            "grad_norms": train_metrics["grad_norms"],
         }
         history.append(row)
         print0(
@@ -283,65 +451,47 @@ def fit(config: TrainConfig) -> FitResult:
         stop = distributed.broadcast_object(stopper.step(epoch, valid_loss))  # rank 0 decides; all ranks stop together
         if master and stopper.is_best(epoch):
             best_state = copy.deepcopy(model.state_dict())
-        rng_states = distributed.all_gather_object(_rng_state(generator))
-        if master:
-            torch.save(
-                {
-                    "epoch": epoch,
-                    "config": asdict(cfg),
-                    "model": model.state_dict(),
-                    "best_model": best_state,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "early_stopping": stopper.state_dict(),
-                    "history": history,
-                    "rng": rng_states,
-                },
-                checkpoint_path,
-            )
+        save_checkpoint(
+            checkpoint_path,
+            epoch=epoch,
+            config=asdict(cfg),
+            model=model,
+            best_model=best_state,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            stopper=stopper,
+            history=history,
+            generator=generator,
+        )
         if stop:
             break
 
+    # export (rank 0 alone writes the model, history and curves): the best epoch's weights unless --no-restore-best
     stop_reason = stopper.reason or f"ran all {cfg.epochs} epochs"
     distributed.teardown()
-    if not master:  # rank 0 alone writes the model, history and curves
+    if not master:
         return FitResult(out / MODEL_FILE, history, stopper.best_epoch, stop_reason, {}, time.perf_counter() - started)
     print(stop_reason)
+    served_epoch = history[-1]["epoch"]
     if cfg.restore_best and stopper.best_epoch >= 1:
         model.load_state_dict(best_state)
+        served_epoch = stopper.best_epoch
         print(f"restored the best weights, from epoch {stopper.best_epoch} (valid loss {stopper.best_loss:.4f})")
-    served_epoch = stopper.best_epoch if cfg.restore_best and stopper.best_epoch >= 1 else history[-1]["epoch"]
-    scalars = lambda row: {k: v for k, v in row.items() if not isinstance(v, dict)}  # noqa: E731
-    metadata = build_metadata(
-        architecture=cfg.arch,
-        class_names=train.class_names,
-        positive_class=train.positive_class,
-        model=model,
-        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "resume", "progress")}
-        | {"processes": world},
-        metrics={
-            "final": scalars(history[-1]),
-            "best": scalars(history[served_epoch - 1]),
-            "served_epoch": served_epoch,
-            "stop_reason": stop_reason,
-        },
-        data_fingerprint=data_module.fingerprint(train, valid),
-    )
-    plain = build_model(cfg.arch, dropout=cfg.dropout)  # plain BatchNorm again: SyncBatchNorm cannot be scripted
-    plain.load_state_dict(model.state_dict())
-    model_path = export_model(plain, out / MODEL_FILE, metadata)
-    write_history(out, history)
-    from bitmoji.trainer.plots import plot_curves  # matplotlib is slow to import; only needed here
-
-    plot_curves(
-        history,
-        out / "curves.png",
-        stopped_epoch=stopper.stopped_epoch,
-        best_epoch=stopper.best_epoch,
-        title=f"{cfg.arch} on {Path(cfg.data).name}",
+    model_path, metadata = export(
+        model,
+        out,
+        cfg=cfg,
+        train=train,
+        valid=valid,
+        history=history,
+        stopper=stopper,
+        served_epoch=served_epoch,
+        stop_reason=stop_reason,
+        processes=world,
     )
     seconds = time.perf_counter() - started
     print(
-        f"wrote {model_path} (version {metadata['model_version']}), history.json/csv and curves.png in {out} ({seconds:.0f}s)"
+        f"wrote {model_path} (version {metadata['model_version']}), "
+        f"history.json/csv and curves.png in {out} ({seconds:.0f}s)"
     )
     return FitResult(model_path, history, stopper.best_epoch, stop_reason, metadata, seconds)
