@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitmoji.core import modelfile
-from bitmoji.trainer import synth
+from bitmoji.trainer import plots, synth
 from bitmoji.trainer.predict import predict_files
 from bitmoji.trainer.train import TrainConfig, fit
 
@@ -18,7 +18,10 @@ def small_synth(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("data") / "synth", n_train=48, n_valid=16, seed=3, progress=False)
 
 
-def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
+def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path, monkeypatch):
+    titles = []
+    real_plot_curves = plots.plot_curves
+    monkeypatch.setattr(plots, "plot_curves", lambda *a, **kw: titles.append(kw["title"]) or real_plot_curves(*a, **kw))
     result = fit(
         TrainConfig(data=str(small_synth), out=str(tmp_path), arch="cnn", epochs=2, batch_size=16, progress=False)
     )
@@ -29,6 +32,7 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
     assert set(history[0]) >= {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "grad_norms"}
     assert all(v >= 0 for v in history[0]["grad_norms"].values())
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles == [f"cnn: eva vs not_eva (48 train / 16 valid images, {small_synth})"]
 
     loaded = modelfile.load_model(tmp_path / "model.pt")
     meta = loaded.metadata

@@ -11,6 +11,7 @@ from bitmoji.trainer.early_stopping import EarlyStopping
 from bitmoji.trainer.models import build_model
 from bitmoji.trainer.train import (
     TrainingError,
+    describe_data,
     evaluate,
     load_checkpoint,
     save_checkpoint,
@@ -157,3 +158,8 @@ def test_load_checkpoint_without_a_file_changes_nothing(tmp_path):
     assert ckpt is None
     assert all(torch.equal(before[k], v) for k, v in run["model"].state_dict().items())
     assert run["stopper"] == EarlyStopping("best", patience=3)
+
+
+def test_describe_data_names_the_classes_the_sizes_and_the_folder():
+    train, valid = bright_vs_dark(6, seed=0), bright_vs_dark(4, seed=1)
+    assert describe_data(train, valid, "runs/demo/data") == "bright vs dark (6 train / 4 valid images, runs/demo/data)"

@@ -295,6 +295,12 @@ def write_history(out: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def describe_data(train: data_module.ImageSet, valid: data_module.ImageSet, data: str | Path) -> str:
+    """What a run learnt from, for the curves' title: `eva vs not_eva (480 train / 160 valid images, data/synth)`."""
+    others = [name for name in train.class_names if name != train.positive_class]
+    return f"{train.positive_class} vs {' / '.join(others)} ({len(train)} train / {len(valid)} valid images, {data})"
+
+
 def export(
     model: nn.Module,
     out: Path,
@@ -339,7 +345,7 @@ def export(
         out / "curves.png",
         stopped_epoch=stopper.stopped_epoch,
         best_epoch=stopper.best_epoch,
-        title=f"{cfg.arch} on {Path(cfg.data).name}",
+        title=f"{cfg.arch}: {describe_data(train, valid, cfg.data)}",
     )
     return model_path, metadata
 
