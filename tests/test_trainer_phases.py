@@ -144,6 +144,47 @@ def test_a_saved_and_loaded_checkpoint_continues_as_the_uninterrupted_run(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights and BatchNorm statistics
 
 
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run, path = new_run(seed=0), tmp_path / "checkpoint.pt"
+
+    def save(epoch: int) -> None:
+        save_checkpoint(
+            path,
+            epoch=epoch,
+            config={},
+            model=run["model"],
+            best_model={},
+            optimizer=run["optimizer"],
+            scheduler=None,
+            stopper=run["stopper"],
+            history=[],
+            generator=run["generator"],
+        )
+
+    save(1)
+    real_save = torch.save
+
+    def killed_mid_write(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as file:
+            file.truncate(100)  # what a kill during the write leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(
+        path,
+        model=run["model"],
+        optimizer=run["optimizer"],
+        scheduler=None,
+        stopper=run["stopper"],
+        generator=run["generator"],
+    )
+    assert ckpt is not None and ckpt.epoch == 1
+
+
 def test_load_checkpoint_without_a_file_changes_nothing(tmp_path):
     run = new_run(seed=0)
     before = {k: v.clone() for k, v in run["model"].state_dict().items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,6 +234,7 @@ def save_checkpoint(
     rng_states = distributed.all_gather_object(_rng_state(generator))
     if not distributed.is_main():
         return
+    partial = path.with_name(f".{path.name}.partial")  # then a rename: a kill mid-write keeps the previous epoch's
     torch.save(
         {
             "epoch": epoch,
@@ -245,8 +247,9 @@ def save_checkpoint(
             "history": history,
             "rng": rng_states,
         },
-        path,
+        partial,
     )
+    os.replace(partial, path)
 
 
 def load_checkpoint(
