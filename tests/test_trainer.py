@@ -119,9 +119,14 @@ def test_cli_synth_fit_predict(tmp_path):
         "--batch-size",
         "8",
         "--no-progress",
+        "--repository",
+        str(tmp_path / "repo"),
     )
     assert r.returncode == 0, r.stderr
     assert "Epoch 1: Train Loss" in r.stdout and "Valid Accuracy" in r.stdout
+    published = tmp_path / "repo" / "mlp" / "1" / "model.pt"  # --name defaults to the --arch
+    assert r.stdout.splitlines()[-1] == f"published {published}"
+    assert published.read_bytes() == (tmp_path / "o" / "model.pt").read_bytes()
     assert (
         "FutureWarning" not in r.stderr and "deprecated" not in r.stderr
     )  # TorchScript's warnings stay out of users' faces

@@ -7,7 +7,7 @@ import pytest
 from bitmoji.trainer import cli
 from bitmoji.trainer.train import TrainConfig
 
-COMMANDS = ["synth", "fit", "predict"]
+COMMANDS = ["synth", "fit", "predict", "publish"]
 
 
 def help_text(capsys, *argv: str) -> str:

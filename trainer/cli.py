@@ -1,4 +1,4 @@
-"""`bitmoji-train`: synth | fit | predict (also `python -m bitmoji.trainer`).
+"""`bitmoji-train`: synth | fit | predict | publish (also `python -m bitmoji.trainer`).
 
 Every option's help says what it does and its default; `--help` needs no torch.
 """
@@ -151,6 +151,13 @@ def _fit_parser(sub) -> None:
         action="store_false",
         help="no progress bars; epoch lines still print (default: bars on a terminal)",
     )
+    p.add_argument(
+        "--repository",
+        default=None,
+        help="also publish model.pt to this model repository as the next version of --name: "
+        "REPOSITORY/NAME/<version>/model.pt (default: publish nothing)",
+    )
+    p.add_argument("--name", default=None, help="the model's name in --repository (default: the --arch, e.g. cnn)")
 
 
 def _predict_parser(sub) -> None:
@@ -164,6 +171,20 @@ def _predict_parser(sub) -> None:
     pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, anything Pillow reads)")
 
 
+def _publish_parser(sub) -> None:
+    about = "publish an exported model as the next version of NAME in a model repository: REPOSITORY/NAME/<version>/"
+    pu = sub.add_parser(
+        "publish",
+        help=about,
+        description=about + "model.pt, versions 1, 2, 3, ...; the version folder appears complete or not at all",
+    )
+    pu.add_argument("--model", required=True, help="an exported model file, e.g. runs/cnn/model.pt (required)")
+    pu.add_argument("--repository", required=True, help="the model repository's folder (required)")
+    pu.add_argument(
+        "--name", required=True, help="the model's name: letters, digits, '-', '_', '.' (not first) (required)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitmoji-train",
@@ -173,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _synth_parser(sub)
     _fit_parser(sub)
     _predict_parser(sub)
+    _publish_parser(sub)
     return parser
 
 
@@ -183,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from bitmoji.core.modelfile import ModelFileError
     from bitmoji.core.preprocess import ImageError
     from bitmoji.trainer.data import DataError
+    from bitmoji.trainer.publish import PublishError
     from bitmoji.trainer.train import TrainingError
 
     try:
@@ -196,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
 
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             fit(TrainConfig(**fields))
+        elif args.command == "publish":
+            from bitmoji.core.modelfile import load_model
+            from bitmoji.trainer.publish import MODEL_FILE, publish_version
+
+            load_model(args.model)  # a file the server could not load stays out of the repository
+            print(f"published {publish_version(args.model, args.repository, args.name) / MODEL_FILE}")
         else:
             from bitmoji.core.device import resolve_device
             from bitmoji.core.modelfile import load_model
@@ -209,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p.path:<{width}}  {p.label:<10} {p.probability:>11.4f} {p.logit:>8.3f}")
             if args.plot:
                 print(f"wrote {plot_predictions(predictions, args.plot)}")
-    except (DataError, DeviceError, ModelFileError, ImageError, TrainingError, OSError) as exc:
+    except (DataError, DeviceError, ModelFileError, ImageError, PublishError, TrainingError, OSError) as exc:
         print(f"bitmoji-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -36,14 +36,15 @@ from tqdm import tqdm
 from bitmoji.core.device import resolve_device
 from bitmoji.core.modelfile import build_metadata, export_model
 from bitmoji.trainer import data as data_module
-from bitmoji.trainer import distributed
+from bitmoji.trainer import distributed, publish
 from bitmoji.trainer.early_stopping import EarlyStopping
 from bitmoji.trainer.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 DEFAULT_LR = {"mlp": 1e-4, "cnn": 2e-3}  # mlp: the lecture's
-NOT_HYPERPARAMETERS = ("data", "out", "resume", "progress")  # TrainConfig fields left out of the model's metadata
+# TrainConfig fields left out of the model's metadata: where things are and how the run was driven
+NOT_HYPERPARAMETERS = ("data", "out", "resume", "progress", "repository", "name")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     progress: bool = True
+    repository: str | None = None  # also publish model.pt as the next version of `name` in this model repository
+    name: str | None = None  # None: the arch
 
     def resolved(self) -> TrainConfig:
         cfg = copy.copy(self)
@@ -90,6 +93,7 @@ class FitResult:
     stop_reason: str
     metadata: dict = field(repr=False)
     seconds: float = 0.0
+    published: Path | None = None  # the version folder in --repository
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 8) -> torch.Tensor:
@@ -357,6 +361,10 @@ def fit(config: TrainConfig) -> FitResult:
     cfg = config.resolved()
     started = time.perf_counter()
     out = Path(cfg.out)
+    if cfg.repository is not None:
+        publish.check_name(cfg.name or cfg.arch)  # a bad name fails now, not after the training
+    elif cfg.name is not None:
+        raise publish.PublishError("--name names the model in --repository: give a --repository too")
     device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the process group
     rank, world, master = distributed.rank(), distributed.world_size(), distributed.is_main()
     print0 = distributed.print0
@@ -368,6 +376,8 @@ def fit(config: TrainConfig) -> FitResult:
     progress = cfg.progress and master
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.repository is not None:
+            Path(cfg.repository).mkdir(parents=True, exist_ok=True)  # an unusable one fails now too
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)  # dropout (and the initial weights, but DDP gives every rank rank 0's)
@@ -503,4 +513,8 @@ def fit(config: TrainConfig) -> FitResult:
         f"wrote {model_path} (version {metadata['model_version']}), "
         f"history.json/csv and curves.png in {out} ({seconds:.0f}s)"
     )
-    return FitResult(model_path, history, stopper.best_epoch, stop_reason, metadata, seconds)
+    published = None
+    if cfg.repository is not None:
+        published = publish.publish_version(model_path, cfg.repository, cfg.name or cfg.arch)
+        print(f"published {published / publish.MODEL_FILE}")
+    return FitResult(model_path, history, stopper.best_epoch, stop_reason, metadata, seconds, published)
