@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitmoji.core import modelfile
-from bitmoji.trainer import synth
+from bitmoji.trainer import plots, synth
 from bitmoji.trainer.predict import predict_files
 from bitmoji.trainer.train import TrainConfig, fit
 
@@ -18,7 +18,10 @@ def small_synth(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("data") / "synth", n_train=48, n_valid=16, seed=3, progress=False)
 
 
-def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
+def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path, monkeypatch):
+    titles = []
+    real_plot_curves = plots.plot_curves
+    monkeypatch.setattr(plots, "plot_curves", lambda *a, **kw: titles.append(kw["title"]) or real_plot_curves(*a, **kw))
     result = fit(
         TrainConfig(data=str(small_synth), out=str(tmp_path), arch="cnn", epochs=2, batch_size=16, progress=False)
     )
@@ -29,6 +32,7 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
     assert set(history[0]) >= {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "grad_norms"}
     assert all(v >= 0 for v in history[0]["grad_norms"].values())
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles == [f"cnn: eva vs not_eva (48 train / 16 valid images, {small_synth})"]
 
     loaded = modelfile.load_model(tmp_path / "model.pt")
     meta = loaded.metadata
@@ -45,7 +49,7 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path):
         + sorted((small_synth / "valid" / "not_eva").glob("*.png"))[:3]
     )
     predictions = predict_files(loaded, files)
-    # the exported file reproduces the eager model that fit() returned... which is restored-best: compare via valid accuracy
+    # the reloaded file classifies any image file: labels follow the sign of the logit
     assert len(predictions) == 6 and all(p.label in ("eva", "not_eva") for p in predictions)
     assert all(0.0 <= p.probability <= 1.0 for p in predictions)
     assert all((p.label == "eva") == (p.logit >= 0) for p in predictions)
@@ -99,9 +103,11 @@ def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
 
 
 def test_cli_synth_fit_predict(tmp_path):
-    run = lambda *args: subprocess.run(
-        [sys.executable, "-m", "bitmoji.trainer", *args], capture_output=True, text=True, timeout=300
-    )  # noqa: E731
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bitmoji.trainer", *args], capture_output=True, text=True, timeout=300
+        )
+
     r = run("synth", "--out", str(tmp_path / "d"), "--n-train", "16", "--n-valid", "8")
     assert r.returncode == 0, r.stderr
     r = run(
@@ -115,9 +121,14 @@ def test_cli_synth_fit_predict(tmp_path):
         "--batch-size",
         "8",
         "--no-progress",
+        "--repository",
+        str(tmp_path / "repo"),
     )
     assert r.returncode == 0, r.stderr
     assert "Epoch 1: Train Loss" in r.stdout and "Valid Accuracy" in r.stdout
+    published = tmp_path / "repo" / "mlp" / "1" / "model.pt"  # --name defaults to the --arch
+    assert r.stdout.splitlines()[-1] == f"published {published}"
+    assert published.read_bytes() == (tmp_path / "o" / "model.pt").read_bytes()
     assert (
         "FutureWarning" not in r.stderr and "deprecated" not in r.stderr
     )  # TorchScript's warnings stay out of users' faces

@@ -45,7 +45,7 @@ class ImageSet:
 
 
 def choose_positive_class(class_names: list[str], positive_class: str | None = None) -> str:
-    """The positive class: as asked, else the one class not named "not_*", else index 1 (as BCE on ImageFolder labels)."""
+    """The positive class: as asked, else the one class not named "not_*", else index 1 (BCE on ImageFolder labels)."""
     if positive_class is not None:
         if positive_class not in class_names:
             raise DataError(f"positive class {positive_class!r} is not one of the classes {class_names}")

@@ -1,6 +1,6 @@
 """Data-parallel training across the processes torchrun starts: the process group, rank helpers, reductions.
 
-`torchrun --nproc-per-node N -m trainer fit ...` (or its multi-node rendezvous
+`torchrun --nproc-per-node N -m bitmoji.trainer fit ...` (or its multi-node rendezvous
 flags) sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT; that is all we
 read. Without them every helper here is the identity for one process, so `fit`
 reads the same either way, as in nanoGPT's train.py.
@@ -65,7 +65,7 @@ def print0(*args, **kwargs) -> None:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `model` under torchrun (SyncBatchNorm first on CUDA, in place); else `model` itself.
+    """DistributedDataParallel around `model` under torchrun (SyncBatchNorm first on CUDA, in place); else `model`.
 
     DDP broadcasts rank 0's weights when it is built, so every rank starts from them.
     """
@@ -75,6 +75,11 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index])
     return DistributedDataParallel(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its parameter names, without DDP's "module." prefix)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _collective_device() -> torch.device:
@@ -110,7 +115,10 @@ def all_gather_object(obj) -> list:
 
 
 def broadcast_buffers(module: nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, so all shards are validated with the model rank 0 saves."""
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    So every shard of the validation set is scored with the model rank 0 saves.
+    """
     if not dist.is_initialized():
         return
     for buffer in module.buffers():

@@ -43,7 +43,10 @@ class EarlyStopping:
             why = f"validation loss rose {self.bad_epochs} epochs in a row"
         else:
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
-            why = f"no improvement of the best validation loss by more than {self.min_delta:g} for {self.bad_epochs} epochs"
+            why = (
+                f"no improvement of the best validation loss by more than {self.min_delta:g} "
+                f"for {self.bad_epochs} epochs"
+            )
         self.previous_loss = valid_loss
         if self.bad_epochs >= self.patience:
             self.stopped_epoch, self.reason = (
