@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from conftest import free_port, start_server
 from PIL import Image, ImageDraw
 
-from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
+from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli
 from bitmoji.core.modelfile import file_sha256, load_model
 from bitmoji.core.preprocess import load_image, to_model_input
 
@@ -133,8 +135,14 @@ def test_model_info_describes_the_served_file(cnn_server, cnn_model_file):
 def test_gradient_probe_reproduces_the_lecture_gradients(server_factory, toy_model_file):
     server = server_factory(toy_model_file)
     with BitmojiClient(server.target) as client:
-        result = client.gradient_probe([torch.tensor([1.0])], [3.0], loss="mse", values=True)
+        result = client.gradient_probe([torch.tensor([1.0])], [3.0], loss="mse", values=True, tensor_type="torch")
         summary_only = client.gradient_probe([np.array([1.0], dtype=np.float32)], 3, loss="mse")
+        as_lists = client.gradient_probe([np.array([1.0], dtype=np.float32)], 3, loss="mse", values=True, tensor_type="list")
+    assert isinstance(summary_only.outputs, np.ndarray) and summary_only.outputs.dtype == np.float32  # "auto"
+    hidden = as_lists.parameters["hidden.weight"].values  # nested lists in the parameter's shape, [2, 1]
+    assert [len(row) for row in hidden] == [1, 1]
+    assert [row[0] for row in hidden] == pytest.approx([-0.3480, -1.3032], abs=1e-4)
+    assert isinstance(as_lists.outputs, list) and len(as_lists.outputs) == 1
     assert list(result.parameters) == ["hidden.weight", "hidden.bias", "output.weight", "output.bias"]
     for name, want in LECTURE_GRADIENTS.items():
         gradient = result.parameters[name]
@@ -157,7 +165,7 @@ def test_image_probe_gives_a_saliency_png_per_image(cnn_server, tmp_path):
     paths = make_images(tmp_path)[:2]
     with BitmojiClient(cnn_server.target) as client:
         result = client.gradient_probe(paths, [1, 0], saliency=True)
-    assert result.loss > 0 and result.outputs.numel() == 2
+    assert result.loss > 0 and result.outputs.size == 2
     assert [g.shape for g in result.input_gradients] == [(3, 128, 128)] * 2
     for data in result.saliency_pngs:
         assert Image.open(io.BytesIO(data)).format == "PNG"
@@ -201,7 +209,7 @@ def test_cli_end_to_end(cnn_server, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "label", "probability", "logit"]
     rows = [line for line in lines[1:] if line.startswith(str(tmp_path))]
-    assert len(rows) == len(paths) and lines[-1].startswith("model version: cnn-")
+    assert len(rows) == len(paths) and re.search(r"(version|build): cnn-", lines[-1])  # what answered
 
     saliency = tmp_path / "saliency.png"
     result = run_cli(cnn_server.target, "probe", str(paths[0]), "--label", "eva", "--saliency", str(saliency))
@@ -210,7 +218,12 @@ def test_cli_end_to_end(cnn_server, tmp_path):
     assert Image.open(saliency).format == "PNG"
 
     result = run_cli(cnn_server.target, "info")
-    assert result.returncode == 0 and "architecture:" in result.stdout and "cnn" in result.stdout
+    assert result.returncode == 0 and re.search(r"^architecture: +cnn$", result.stdout, re.M)
+    # nested metadata as key.sub: value, lists joined, aligned; no Python dicts or lists
+    assert re.search(r"^  input\.shape: +3, 128, 128$", result.stdout, re.M), result.stdout
+    assert re.search(r"^  preprocessing\.\w+: ", result.stdout, re.M) and not re.search(r"[{}\[\]]", result.stdout)
+    metadata = result.stdout.split("metadata:\n")[1].splitlines()
+    assert len({re.match(r"  [^:]+: +", line).end() for line in metadata}) == 1  # values in one column
 
     assert run_cli(cnn_server.target, "health").stdout.strip() == "SERVING"
     assert run_cli(cnn_server.target, "health").returncode == 0
@@ -222,3 +235,25 @@ def test_cli_end_to_end(cnn_server, tmp_path):
 
     down = run_cli(f"127.0.0.1:{free_port()}", "--timeout", "2", "health")  # nothing listens there
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr and down.stderr.count("\n") == 1
+
+
+def test_cli_names_the_files_the_server_refused_and_classifies_the_rest(cnn_server, tmp_path, monkeypatch, capsys):
+    paths = [str(p) for p in make_images(tmp_path)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    files = [paths[0], paths[1], paths[2], str(broken), paths[0], str(empty)]
+    monkeypatch.setattr(cli, "CLASSIFY_CHUNK", 4)  # broken.png is inputs[3] of call 1, empty.png inputs[1] of call 2
+    code = cli.main(["--target", cnn_server.target, "classify", *files])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert [line.split(":")[0] for line in err.splitlines()] == ["bitmoji-client"] * 2
+    assert err.splitlines()[0].startswith(f"bitmoji-client: {broken}: ") and "inputs[" not in err
+    assert err.splitlines()[1].startswith(f"bitmoji-client: {empty}: ")
+    rows = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert rows == [paths[0], paths[1], paths[2], paths[0]]  # the good ones, in order
+
+    assert cli.main(["--target", cnn_server.target, "--json", "classify", str(broken), paths[1]]) == 1
+    answers = json.loads(capsys.readouterr().out)
+    assert answers[0]["file"] == str(broken) and "error" in answers[0] and answers[1]["label"] in ("eva", "not_eva")
