@@ -15,11 +15,13 @@ imported to read objects of theirs that a caller passes in.
 Retries (every RPC of the service is idempotent). gRPC retries, from the
 channel's service config (`retry.py`), not a loop of ours:
 
-- Retried: UNAVAILABLE (no connection, a server draining or restarting) and
-  RESOURCE_EXHAUSTED (the server's queue is full), on Classifier,
+- Retried: UNAVAILABLE (no connection, a server draining or restarting),
+  RESOURCE_EXHAUSTED (the server's queue is full) and CANCELLED sent by a
+  server (a stopping server cancels the calls it had read but not started;
+  the caller's own cancellation is never retried), on Classifier,
   ModelRepository and health Check calls. Every other status is the
   server's answer and is raised at once (INVALID_ARGUMENT, NOT_FOUND,
-  UNAUTHENTICATED, CANCELLED, DEADLINE_EXCEEDED, ...).
+  UNAUTHENTICATED, PERMISSION_DENIED, INTERNAL, DEADLINE_EXCEEDED, ...).
 - How often: `retries` times after the first attempt (default 3; 0 to 4:
   gRPC makes at most 5 attempts a call).
 - Backoff: retry n waits `backoff * 2**(n-1)` seconds +-20% (gRPC's jitter),

@@ -178,7 +178,7 @@ def test_channel_options_carry_limits_retry_policy_round_robin_and_overrides():
         "initialBackoff": "0.100s",
         "maxBackoff": "0.400s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
     }
     options = dict(
         channel_options(
