@@ -137,7 +137,8 @@ def test_gradient_probe_reproduces_the_lecture_gradients(server_factory, toy_mod
     with BitmojiClient(server.target) as client:
         result = client.gradient_probe([torch.tensor([1.0])], [3.0], loss="mse", values=True, tensor_type="torch")
         summary_only = client.gradient_probe([np.array([1.0], dtype=np.float32)], 3, loss="mse")
-        as_lists = client.gradient_probe([np.array([1.0], dtype=np.float32)], 3, loss="mse", values=True, tensor_type="list")
+        one = np.array([1.0], dtype=np.float32)
+        as_lists = client.gradient_probe([one], 3, loss="mse", values=True, tensor_type="list")
     assert isinstance(summary_only.outputs, np.ndarray) and summary_only.outputs.dtype == np.float32  # "auto"
     hidden = as_lists.parameters["hidden.weight"].values  # nested lists in the parameter's shape, [2, 1]
     assert [len(row) for row in hidden] == [1, 1]

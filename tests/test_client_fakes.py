@@ -283,5 +283,3 @@ def serve(
         port=port,
     )
     return server, classifier
-
-
