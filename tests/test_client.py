@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -50,6 +52,12 @@ def make_images(directory: Path) -> list[Path]:
     return paths
 
 
+def make_images_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (250, 200, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def expected_predictions(model_file: Path, paths: list[Path]):
     """(labels, probabilities, logits) of the in-process TorchScript model, preprocessed as the server does."""
     model = load_model(model_file)
@@ -70,15 +78,12 @@ def assert_same_predictions(predictions, expected, version):
     assert {p.model_version for p in predictions} == {version}
 
 
-class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
-    """Counts attempts: the client's retries each pass through the channel's interceptors."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        self.calls += 1
-        return continuation(client_call_details, request)
+def answered(server, code: str, method: str = "Classify") -> float:
+    """How many calls the server answered with `code`: its own count (attempts, retries included)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf'bitmoji_requests_total\{{code="{code}",method="{method}"\}} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +178,42 @@ def test_image_probe_gives_a_saliency_png_per_image(cnn_server, tmp_path):
 
 
 def test_server_errors_are_raised_once_and_not_retried(cnn_server):
-    counter = CountingInterceptor()
-    with BitmojiClient(cnn_server.target, interceptors=[counter]) as client:
+    before = answered(cnn_server, "INVALID_ARGUMENT")
+    with BitmojiClient(cnn_server.target) as client:
         with pytest.raises(BitmojiError) as info:
             client.classify([b"this is not an image"])
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.details
-        assert counter.calls == 1
+        assert answered(cnn_server, "INVALID_ARGUMENT") == before + 1  # one attempt reached the server
         assert client.health() == "SERVING"  # and the server is still up
+
+
+def test_a_full_queue_is_retried_within_the_budget(server_factory, cnn_model_file):
+    """The real server's RESOURCE_EXHAUSTED (queue full) is retried by gRPC, and the retry budget keeps the
+    attempts close to the calls made when most calls fail."""
+    server = server_factory(cnn_model_file, "--max-batch-size", "4", "--max-queue", "8", "--max-items-per-call", "4")
+    image = make_images_bytes()
+    failed = []
+    with BitmojiClient(server.target, retries=3, backoff=0.05) as client:
+        client.wait_until_serving(30)
+
+        def caller():
+            for _ in range(10):
+                try:
+                    client.classify([image] * 4)
+                except BitmojiError as error:
+                    failed.append(error.code)
+
+        callers = [threading.Thread(target=caller) for _ in range(16)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(120)
+    refused, served = answered(server, "RESOURCE_EXHAUSTED"), answered(server, "OK")
+    assert set(failed) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert served + len(failed) == 160  # every call ended: answered, or refused after its retries
+    assert refused > len(failed)  # some refusals were retried (and some of those then answered)
+    retries = refused + served - 160
+    assert retries <= 5 + 0.1 * served  # the budget: 5 retries, then one per 10 successes; not 3 per failed call
 
 
 def test_async_client_classifies_and_describes(cnn_server, cnn_model_file, tmp_path):
