@@ -31,7 +31,8 @@ channel's service config (`retry.py`), not a loop of ours:
   retry, ends DEADLINE_EXCEEDED.
 - Budget (gRPC's retryThrottling; one per client, shared by its calls): 10
   tokens; each failure with a retried status costs one, each success earns
-  0.1; no retry while 5 or fewer are left. A new client whose server always
+  0.1; no retry while 5 or fewer are left, so retries <= 5 + successes / 10
+  however many calls fail. A new client (retries=3) whose server always
   answers RESOURCE_EXHAUSTED makes 4 attempts on its first call and 1 on
   every later one (N calls: N + 3 attempts), until about 10 successes for
   each token lost let retries resume: retries cannot multiply an overload.
@@ -41,12 +42,12 @@ channel's service config (`retry.py`), not a loop of ours:
   a message (a StreamClassify that got its first answer is not retried;
   one refused before its first answer is), or once a request exceeded the
   retry buffer (set to `max_message_bytes`, so none does).
-- Calls that never reached a server are retried by gRPC on its own
-  (transparent retries, outside these rules). With
-  `load_balancing="round_robin"` a retry goes to the next address, so a
-  backend that stops costs no failed call. A single server's restart takes
-  longer than the retries wait: `wait_for_ready=True` makes calls wait for it
-  (within their deadline) instead of failing UNAVAILABLE.
+- With nobody listening, each attempt fails at once (UNAVAILABLE) and these
+  rules apply. With `load_balancing="round_robin"` a retry goes to the next
+  address, so a server that stops or drains costs no failed call. A single
+  server's restart outlasts the retries' waits (0.7 s by default):
+  `wait_for_ready=True` makes calls wait for it (within their deadline)
+  instead of failing UNAVAILABLE.
 """
 
 from bitmoji.client.aio import AsyncBitmojiClient

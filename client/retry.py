@@ -7,9 +7,10 @@ jitter (gRPC core's own; the gRFC's random(0, x) is not what it does);
 `maxAttempts` over 5 is clamped to 5 with an error line on stderr, hence
 MAX_RETRIES. gRPC keeps each call's request (up to
 `grpc.per_rpc_retry_buffer_size`, 256 KiB by default, which `channel.py`
-raises to the message limit) until the first answer arrives: a bigger request
-would commit the call at once and never be retried. The throttle's tokens
-belong to the channel.
+raises to the message limit) until the call commits, when the server's
+response headers or first message arrive: a bigger request would commit the
+call at once and never be retried. The throttle's tokens belong to the
+channel (one client), not to the process.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ SERVICES = ("bitmoji.v1.Classifier", "bitmoji.v1.ModelRepository", "grpc.health.
 MAX_RETRIES = 4  # gRPC makes at most 5 attempts per call
 BACKOFF_MULTIPLIER = 2
 # The retry budget (gRPC's retryThrottling): a failure with a retryable code costs a token, a success earns
-# TOKEN_RATIO of one; retries stop while a channel holds MAX_TOKENS / 2 tokens or fewer. A fresh channel may
-# see 5 such failures before retries stop; they resume after about 10 successes per token lost, so a channel
-# whose calls keep failing sends one attempt per call: at most about 10% more calls than its callers make.
+# TOKEN_RATIO of one; no retry while a channel holds MAX_TOKENS / 2 tokens or fewer. A fresh channel retries
+# its first 4 such failures, not the 5th; retries resume after about 10 successes per token lost. Over any run,
+# retries <= 5 + successes / 10, however many calls fail: a channel whose calls keep failing sends one attempt
+# per call.
 MAX_TOKENS = 10
 TOKEN_RATIO = 0.1
 MIN_BACKOFF = 0.001  # gRPC refuses a zero backoff; backoff=0 waits this long
