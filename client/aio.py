@@ -77,7 +77,8 @@ class AsyncBitmojiClient(base.ClientSettings):
             )
         self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
         self._repository = classifier_pb2_grpc.ModelRepositoryStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Any: types-grpcio-health-checking's HealthStub declares no methods
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> AsyncBitmojiClient:
         return self

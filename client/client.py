@@ -95,7 +95,8 @@ class BitmojiClient(base.ClientSettings):
         intercepted = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub = classifier_pb2_grpc.ClassifierStub(intercepted)
         self._repository = classifier_pb2_grpc.ModelRepositoryStub(intercepted)
-        self._health = health_pb2_grpc.HealthStub(intercepted)
+        # Any: types-grpcio-health-checking's HealthStub declares no methods
+        self._health: Any = health_pb2_grpc.HealthStub(intercepted)
 
     def __enter__(self) -> BitmojiClient:
         return self

@@ -21,13 +21,13 @@ from typing import Any
 from bitmoji.v1 import classifier_pb2 as pb
 
 # dtype name (numpy's and torch's spelling agree) -> wire type
-_DTYPES: dict[str, int] = {
+_DTYPES: dict[str, pb.DataType] = {
     "float32": pb.DATA_TYPE_FLOAT32,
     "float64": pb.DATA_TYPE_FLOAT64,
     "float16": pb.DATA_TYPE_FLOAT16,
     "uint8": pb.DATA_TYPE_UINT8,
 }
-LOSSES: dict[str, int] = {"bce": pb.LOSS_BCE, "mse": pb.LOSS_MSE}
+LOSSES: dict[str, pb.Loss] = {"bce": pb.LOSS_BCE, "mse": pb.LOSS_MSE}
 
 
 # An object of a library's type can only exist once the library is imported: look, don't import.
@@ -63,7 +63,7 @@ def _is_single_item(item: Any) -> bool:
     ) or _is_pil_image(item)
 
 
-def _wire_dtype(name: str) -> int:
+def _wire_dtype(name: str) -> pb.DataType:
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
