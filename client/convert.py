@@ -1,4 +1,4 @@
-"""Python values to the wire (`Input`, `Tensor`, requests) and raw tensors back to torch.
+"""Python values to the wire: `Input` and `Tensor` messages, and the requests made of them.
 
 An item is one of: a file path (str or os.PathLike, read here: the server
 never opens files), encoded image bytes, a PIL image (sent as PNG, lossless),
@@ -6,7 +6,8 @@ a numpy array or a torch tensor (sent as a raw, already preprocessed tensor:
 for the image models float [3, 128, 128] in [0, 1] or uint8 [3, 128, 128]),
 or an `Input` proto. A 4-D array or tensor is a batch: one item per entry of
 its first dimension. torch and numpy are only touched when the caller passes
-their objects, so classifying files does not pay for importing torch.
+their objects, so classifying files does not pay for importing torch (and
+the client installs without either). Tensors coming back are `tensors.py`'s job.
 """
 
 from __future__ import annotations
@@ -20,23 +21,22 @@ from typing import Any
 from bitmoji.v1 import classifier_pb2 as pb
 
 # dtype name (numpy's and torch's spelling agree) -> wire type
-_DTYPES = {
+_DTYPES: dict[str, pb.DataType] = {
     "float32": pb.DATA_TYPE_FLOAT32,
     "float64": pb.DATA_TYPE_FLOAT64,
     "float16": pb.DATA_TYPE_FLOAT16,
     "uint8": pb.DATA_TYPE_UINT8,
 }
-_WIRE_DTYPES = {wire: name for name, wire in _DTYPES.items()}
-LOSSES = {"bce": pb.LOSS_BCE, "mse": pb.LOSS_MSE}
+LOSSES: dict[str, pb.Loss] = {"bce": pb.LOSS_BCE, "mse": pb.LOSS_MSE}
 
 
 # An object of a library's type can only exist once the library is imported: look, don't import.
-def _numpy_array_type():
+def _numpy_array_type() -> Any:  # a type to pass to isinstance, or () when numpy is not loaded
     numpy = sys.modules.get("numpy")
     return numpy.ndarray if numpy else ()
 
 
-def _torch_tensor_type():
+def _torch_tensor_type() -> Any:  # the same for torch
     torch = sys.modules.get("torch")
     return torch.Tensor if torch else ()
 
@@ -63,7 +63,7 @@ def _is_single_item(item: Any) -> bool:
     ) or _is_pil_image(item)
 
 
-def _wire_dtype(name: str) -> int:
+def _wire_dtype(name: str) -> pb.DataType:
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
@@ -81,27 +81,7 @@ def tensor_proto(array: Any) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=list(array.shape), data=data)
 
 
-def to_torch(tensor: pb.Tensor):
-    """`Tensor` -> a torch tensor of its dtype and shape (a copy: it owns its memory)."""
-    import torch
-
-    if tensor.dtype not in _WIRE_DTYPES:
-        raise ValueError(f"unsupported tensor dtype {pb.DataType.Name(tensor.dtype)}")
-    dtype = getattr(torch, _WIRE_DTYPES[tensor.dtype])
-    shape = list(tensor.shape)
-    count = 1
-    for size in shape:
-        count *= size
-    if len(tensor.data) != count * dtype.itemsize:
-        raise ValueError(
-            f"tensor of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}"
-        )
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)  # little-endian hosts only, as torch
-
-
-def _png_bytes(image) -> bytes:
+def _png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -154,34 +134,40 @@ def to_targets(targets: Any) -> list[float]:
     return [float(value) for value in targets]
 
 
-def classify_request(items: Any) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(inputs=to_inputs(items))
+def classify_request(items: Any, model: str = "", version: str = "") -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(inputs=to_inputs(items), model_name=model, model_version=version)
 
 
-def stream_requests(batches: Iterable, failure: list[Exception]) -> Iterator[pb.ClassifyRequest]:
+def stream_requests(
+    batches: Iterable[Any], failure: list[Exception], model: str = "", version: str = ""
+) -> Iterator[pb.ClassifyRequest]:
     """Requests for a stream, made lazily. gRPC reads this iterator in its own thread and
     would swallow our errors: the first one is put in `failure` and ends the stream."""
     try:
         for items in batches:
-            yield classify_request(items)
+            yield classify_request(items, model, version)
     except Exception as exc:
         failure.append(exc)
 
 
-async def astream_requests(batches, failure: list[Exception]) -> AsyncIterator[pb.ClassifyRequest]:
+async def astream_requests(
+    batches: Iterable[Any] | AsyncIterable[Any], failure: list[Exception], model: str = "", version: str = ""
+) -> AsyncIterator[pb.ClassifyRequest]:
     """`stream_requests` for grpc.aio, from a plain or an async iterable."""
     try:
         if isinstance(batches, AsyncIterable):
             async for items in batches:
-                yield classify_request(items)
+                yield classify_request(items, model, version)
         else:
             for items in batches:
-                yield classify_request(items)
+                yield classify_request(items, model, version)
     except Exception as exc:
         failure.append(exc)
 
 
-def probe_request(inputs: Any, targets: Any, loss: str, values: bool, saliency: bool) -> pb.GradientProbeRequest:
+def probe_request(
+    inputs: Any, targets: Any, loss: str, values: bool, saliency: bool, model: str = "", version: str = ""
+) -> pb.GradientProbeRequest:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     request = pb.GradientProbeRequest(
@@ -190,6 +176,8 @@ def probe_request(inputs: Any, targets: Any, loss: str, values: bool, saliency: 
         loss=LOSSES[loss],
         include_values=values,
         include_saliency_png=saliency,
+        model_name=model,
+        model_version=version,
     )
     if not request.inputs:
         raise ValueError("gradient_probe needs at least one input")

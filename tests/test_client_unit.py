@@ -1,10 +1,11 @@
-"""Client pieces that need no model server: conversion, retry policy, channel settings, CLI helpers,
-and the client's call behaviour against a scripted in-process gRPC server."""
+"""Client pieces that need no model server: conversion, tensors, the retry policy's config, channel settings,
+CLI helpers, and the client's call behaviour against a scripted in-process gRPC server."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import subprocess
 import threading
@@ -18,9 +19,10 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli, convert
-from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_credentials, channel_options
-from bitmoji.client.retry import backoff_delay, call_with_retries
+from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli, convert, retry, tensors
+from bitmoji.client.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_credentials, channel_options
+from bitmoji.client.metadata import bearer
+from bitmoji.client.tensors import to_torch
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc
 
@@ -56,7 +58,7 @@ def test_numpy_arrays_round_trip_as_raw_tensors(dtype):
     array = (np.random.default_rng(0).random((3, 5, 4)) * 200).astype(dtype)
     (item,) = convert.to_inputs([array])
     assert item.tensor.shape == [3, 5, 4]
-    back = convert.to_torch(item.tensor)
+    back = to_torch(item.tensor)
     assert back.dtype == getattr(torch, np.dtype(dtype).name)
     np.testing.assert_array_equal(back.numpy(), array)
 
@@ -66,7 +68,7 @@ def test_a_4d_tensor_is_a_batch_of_items_and_lists_are_flattened():
     inputs = convert.to_inputs([batch, torch.rand(3, 4, 4)])
     assert len(inputs) == 4
     for i in range(3):
-        assert torch.equal(convert.to_torch(inputs[i].tensor), batch[i])
+        assert torch.equal(to_torch(inputs[i].tensor), batch[i])
 
 
 def test_non_contiguous_and_big_endian_arrays_are_sent_row_major_little_endian():
@@ -74,9 +76,9 @@ def test_non_contiguous_and_big_endian_arrays_are_sent_row_major_little_endian()
     tensor = convert.tensor_proto(array)
     assert tensor.dtype == pb.DATA_TYPE_FLOAT32 and list(tensor.shape) == [4, 2, 3]
     assert tensor.data == np.ascontiguousarray(array, dtype="<f4").tobytes()
-    assert torch.equal(convert.to_torch(tensor), torch.from_numpy(np.ascontiguousarray(array, dtype="<f4")))
+    assert torch.equal(to_torch(tensor), torch.from_numpy(np.ascontiguousarray(array, dtype="<f4")))
     gpu_free = torch.rand(2, 3).t()  # non-contiguous torch
-    assert torch.equal(convert.to_torch(convert.tensor_proto(gpu_free)), gpu_free)
+    assert torch.equal(to_torch(convert.tensor_proto(gpu_free)), gpu_free)
 
 
 @pytest.mark.parametrize(
@@ -101,8 +103,46 @@ def test_a_missing_file_raises_oserror(tmp_path):
 
 def test_to_torch_checks_the_byte_count_and_handles_empty_tensors():
     with pytest.raises(ValueError, match="needs 16 bytes, got 3"):
-        convert.to_torch(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 2], data=b"abc"))
-    assert convert.to_torch(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 3])).shape == (0, 3)
+        to_torch(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 2], data=b"abc"))
+    assert to_torch(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 3])).shape == (0, 3)
+
+
+# --- tensors from the server -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.uint8])
+def test_tensors_decode_as_numpy_lists_or_torch_in_their_shape(dtype):
+    array = (np.random.default_rng(1).random((2, 3, 4)) * 200).astype(dtype)
+    wire = convert.tensor_proto(array)
+    as_numpy = tensors.decode(wire, "numpy")
+    assert as_numpy.dtype == array.dtype and as_numpy.flags.writeable
+    np.testing.assert_array_equal(as_numpy, array)
+    assert tensors.decode(wire, "auto").dtype == array.dtype  # numpy is installed here
+    as_list = tensors.decode(wire, "list")
+    assert as_list == array.tolist()  # nested lists, [2][3][4], the same numbers
+    assert len(as_list) == 2 and len(as_list[0]) == 3 and len(as_list[0][0]) == 4
+    np.testing.assert_array_equal(tensors.decode(wire, "torch").numpy(), array)
+
+
+def test_list_tensors_keep_scalar_and_empty_shapes():
+    scalar = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT64, shape=[], data=np.float64(2.5).tobytes())
+    assert tensors.decode(scalar, "list") == 2.5
+    assert tensors.decode(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 3]), "list") == []
+    assert tensors.decode(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[2, 0]), "list") == [[], []]
+    assert tensors.decode(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 3]), "numpy").shape == (0, 3)
+    assert tensors.flat([[1.0, 2.0], [3.0, 4.0]]) == [1.0, 2.0, 3.0, 4.0] == tensors.flat(np.arange(1.0, 5.0))
+    assert tensors.flat(2.5) == [2.5]
+
+
+def test_tensor_types_are_checked_before_use(monkeypatch):
+    with pytest.raises(ValueError, match="tensor_type must be one of auto, numpy, list, torch"):
+        tensors.resolve("jax")
+    with pytest.raises(ValueError, match="unsupported tensor dtype DATA_TYPE_UNSPECIFIED"):
+        tensors.decode(pb.Tensor(shape=[1], data=b"x"), "list")
+    monkeypatch.setattr(tensors, "installed", lambda module: False)  # a client without numpy or torch
+    assert tensors.resolve("auto") == "list"
+    with pytest.raises(ImportError, match=r"tensor_type='torch' needs torch, which is not installed"):
+        tensors.resolve("torch")
 
 
 def test_targets_and_probe_requests():
@@ -118,120 +158,50 @@ def test_targets_and_probe_requests():
         convert.probe_request([], [], "bce", False, False)
 
 
-# --- retry policy ----------------------------------------------------------------------------
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details="scripted"):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-
-class FakeTime:
-    def __init__(self):
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-def scripted(*outcomes):
-    """A call that raises or returns the outcomes in turn, recording the timeouts it was given."""
-    timeouts = []
-
-    def call(timeout):
-        timeouts.append(timeout)
-        outcome = outcomes[len(timeouts) - 1]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    return call, timeouts
-
-
-def test_backoff_is_exponential_with_bounded_jitter():
-    assert backoff_delay(0, 0.1, rng=lambda: 0.5) == pytest.approx(0.1)
-    assert backoff_delay(3, 0.1, rng=lambda: 0.5) == pytest.approx(0.8)
-    assert backoff_delay(2, 0.1, rng=lambda: 0.0) == pytest.approx(0.4 * 0.8)
-    assert backoff_delay(2, 0.1, rng=lambda: 1.0) == pytest.approx(0.4 * 1.2)
-
-
-def test_unavailable_is_retried_with_backoff_until_it_succeeds():
-    fake = FakeTime()
-    unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE)
-    call, timeouts = scripted(unavailable, unavailable, "ok")
-    result = call_with_retries(call, method="M", timeout=10, retries=3, backoff=0.1, sleep=fake.sleep, clock=fake.clock)
-    assert result == "ok" and len(timeouts) == 3
-    assert 0.08 <= fake.sleeps[0] <= 0.12 and 0.16 <= fake.sleeps[1] <= 0.24
-    assert timeouts[2] == pytest.approx(10 - sum(fake.sleeps))  # one deadline for all attempts
-
-
-def test_retries_run_out_and_the_last_unavailable_is_raised():
-    fake = FakeTime()
-    call, timeouts = scripted(*[FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")] * 4)
-    with pytest.raises(BitmojiError) as info:
-        call_with_retries(
-            call, method="Classify", timeout=10, retries=3, backoff=0.1, sleep=fake.sleep, clock=fake.clock
-        )
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.details == "down"
-    assert info.value.method == "Classify" and isinstance(info.value.__cause__, grpc.RpcError)
-    assert len(timeouts) == 4 and len(fake.sleeps) == 3
-
-
-@pytest.mark.parametrize(
-    "code",
-    [
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-    ],
-)
-def test_other_errors_are_not_retried(code):
-    fake = FakeTime()
-    call, timeouts = scripted(FakeRpcError(code), "ok")
-    with pytest.raises(BitmojiError) as info:
-        call_with_retries(call, method="M", timeout=10, retries=3, backoff=0.1, sleep=fake.sleep, clock=fake.clock)
-    assert info.value.code == code and len(timeouts) == 1 and fake.sleeps == []
-
-
-def test_no_retry_sleeps_past_the_deadline():
-    fake = FakeTime()
-    call, timeouts = scripted(*[FakeRpcError(grpc.StatusCode.UNAVAILABLE)] * 10)
-    with pytest.raises(BitmojiError):
-        call_with_retries(call, method="M", timeout=0.5, retries=9, backoff=0.1, sleep=fake.sleep, clock=fake.clock)
-    assert fake.now < 0.5 and len(timeouts) == 3  # waits 0.1 and 0.2; 0.4 more would pass the deadline
-
-
 # --- channel settings ------------------------------------------------------------------------
 
 
-def test_channel_options_default_limits_round_robin_and_overrides():
-    options = dict(channel_options(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, load_balancing=None, backoff=0.1))
+def test_channel_options_carry_limits_retry_policy_round_robin_and_overrides():
+    options = dict(
+        channel_options(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, load_balancing=None, retries=3, backoff=0.1)
+    )
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 64 * 1024 * 1024
-    assert "grpc.service_config" not in options
+    assert options["grpc.per_rpc_retry_buffer_size"] == 64 * 1024 * 1024  # gRPC's 256 KiB would not retry images
+    config = json.loads(options["grpc.service_config"])
+    assert "loadBalancingConfig" not in config
+    assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+    (method,) = config["methodConfig"]
+    assert {"service": "bitmoji.v1.Classifier"} in method["name"]
+    assert {"service": "bitmoji.v1.ModelRepository"} in method["name"]
+    assert method["retryPolicy"] == {
+        "maxAttempts": 4,
+        "initialBackoff": "0.100s",
+        "maxBackoff": "0.400s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
+    }
     options = dict(
         channel_options(
             max_message_bytes=1000,
             load_balancing="round_robin",
+            retries=0,
             backoff=0.1,
             options=[("grpc.max_receive_message_length", 5)],
         )
     )
-    assert '"round_robin"' in options["grpc.service_config"]
+    config = json.loads(options["grpc.service_config"])
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert "retryPolicy" not in config["methodConfig"][0]  # retries=0: gRPC wants maxAttempts >= 2, or no policy
     assert options["grpc.max_receive_message_length"] == 5 and options["grpc.max_send_message_length"] == 1000
     with pytest.raises(ValueError, match="load_balancing"):
-        channel_options(max_message_bytes=1, load_balancing="random", backoff=0.1)
+        channel_options(max_message_bytes=1, load_balancing="random", retries=3, backoff=0.1)
+
+
+def test_backoff_zero_becomes_grpcs_smallest_and_retries_stay_within_grpcs_five_attempts():
+    assert retry.method_config(1, 0.0)["retryPolicy"]["initialBackoff"] == "0.001s"
+    assert retry.method_config(4, 0.25)["retryPolicy"]["maxBackoff"] == "2.000s"  # 0.25 * 2**3: never capped
+    with pytest.raises(ValueError, match="retries must be 0 to 4"):
+        retry.service_config(retries=5, backoff=0.1, load_balancing=None)
 
 
 def test_credentials_and_token_metadata():
@@ -239,14 +209,23 @@ def test_credentials_and_token_metadata():
     assert channel_credentials(tls=True, root_certificates=None, private_key=None, certificate_chain=None) is not None
     with pytest.raises(ValueError, match="both"):
         channel_credentials(tls=True, root_certificates=None, private_key=b"k", certificate_chain=None)
-    assert call_metadata(None) == ()
-    assert call_metadata("s3cret") == (("authorization", "Bearer s3cret"),)
+    assert bearer(None) == ()
+    assert bearer("s3cret") == (("authorization", "Bearer s3cret"),)
 
 
 def test_constructor_refuses_nonsense():
-    for kwargs in ({"timeout": 0}, {"retries": -1}, {"backoff": -0.1}, {"max_message_bytes": 0}):
+    for kwargs in (
+        {"timeout": 0},
+        {"retries": -1},
+        {"retries": 5},
+        {"backoff": -0.1},
+        {"max_message_bytes": 0},
+        {"load_balancing": "random"},
+    ):
         with pytest.raises(ValueError):
             BitmojiClient("127.0.0.1:1", **kwargs)
+    with pytest.raises(TypeError, match="model must be a str"):
+        BitmojiClient("127.0.0.1:1", model=3.5)
 
 
 # --- against a scripted in-process server ----------------------------------------------------
@@ -495,7 +474,7 @@ def test_nothing_listening_is_retried_then_unavailable():
             client.classify([png()])
         elapsed = time.monotonic() - start
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert counter.calls == 4
+    assert counter.calls == 1  # gRPC retries below the interceptors: they see the call once
     assert elapsed >= 0.8 * (0.05 + 0.1 + 0.2)  # the three backoff waits, at their smallest jitter
 
 
