@@ -9,7 +9,7 @@ import textwrap
 
 import grpc
 import pytest
-from test_client_fakes import serve
+from helpers import serve_fakes as serve
 
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
 

@@ -1,5 +1,5 @@
 """Model names and versions on every call, and the ModelRepository management calls and commands, against an
-in-process grpc.aio server that implements the new proto (tests/test_client_fakes.py)."""
+in-process grpc.aio server that implements the new proto (tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import grpc
 import pytest
-from test_client_fakes import FakeRepository, serve
+from helpers import FakeRepository, serve_fakes as serve
 
 from bitmoji.client import (
     AsyncBitmojiClient,

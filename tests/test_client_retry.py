@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from test_client_fakes import FakeClassifier, serve
+from helpers import FakeClassifier, serve_fakes as serve
 
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
 

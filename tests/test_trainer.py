@@ -18,6 +18,7 @@ def small_synth(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("data") / "synth", n_train=48, n_valid=16, seed=3, progress=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path, monkeypatch):
     titles = []
     real_plot_curves = plots.plot_curves
@@ -55,6 +56,7 @@ def test_end_to_end_fit_export_reload_predict(small_synth, tmp_path, monkeypatch
     assert all((p.label == "eva") == (p.logit >= 0) for p in predictions)
 
 
+@pytest.mark.slow
 def test_same_seed_same_history(small_synth, tmp_path):
     a = fit(
         TrainConfig(
@@ -70,6 +72,7 @@ def test_same_seed_same_history(small_synth, tmp_path):
     assert strip(a.history) == strip(b.history)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(small_synth, tmp_path):
     common = dict(data=str(small_synth), arch="cnn", batch_size=16, seed=1, progress=False, patience=10)
     straight = fit(TrainConfig(out=str(tmp_path / "straight"), epochs=3, **common))
@@ -82,6 +85,7 @@ def test_resume_equals_uninterrupted_run(small_synth, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
     # a huge learning rate makes the valid loss bounce; patience 1 stops at the first bad epoch
     result = fit(
@@ -102,6 +106,7 @@ def test_early_stopping_stops_and_restores_best(small_synth, tmp_path):
     assert result.metadata["metrics"]["served_epoch"] == best["epoch"]
 
 
+@pytest.mark.slow
 def test_cli_synth_fit_predict(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -141,6 +146,7 @@ def test_cli_synth_fit_predict(tmp_path):
 
 
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_real_data_short_mlp_beats_chance(real_data, tmp_path):
     # The lecture's MLP and defaults (Adam, lr 1e-4, batch 64) crawl off chance for ~4 epochs, then reach
     # 0.60-0.65 (the lecture reports 0.60-0.67). 0.57 on 200 balanced images is 2 sigma above chance.

@@ -63,6 +63,7 @@ def new_run(seed: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_train_one_epoch_learns_a_learnable_set():
     images = bright_vs_dark(16, seed=0)
     torch.manual_seed(0)
@@ -98,6 +99,7 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_before_stepping():
     torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0, equal_nan=True)  # no step was taken
 
 
+@pytest.mark.slow
 def test_a_saved_and_loaded_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
     train, valid = bright_vs_dark(16, seed=2), bright_vs_dark(8, seed=3)
     path = tmp_path / "checkpoint.pt"

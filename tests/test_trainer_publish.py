@@ -131,6 +131,7 @@ def test_fit_refuses_a_bad_name_before_it_trains(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_publish_loads_the_model_first_and_prints_the_path(tmp_path, cnn_model_file):
     def run(*args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "bitmoji.trainer", "publish", *args]

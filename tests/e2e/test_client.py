@@ -82,7 +82,9 @@ def answered(server, code: str, method: str = "Classify") -> float:
     """How many calls the server answered with `code`: its own count (attempts, retries included)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return sum(float(v) for v in re.findall(rf'bitmoji_requests_total\{{code="{code}",method="{method}",[^}}]*\}} (\S+)', text))
+    return sum(
+        float(v) for v in re.findall(rf'bitmoji_requests_total\{{code="{code}",method="{method}",[^}}]*\}} (\S+)', text)
+    )
 
 
 @pytest.fixture(scope="module")
