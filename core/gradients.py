@@ -10,6 +10,7 @@ inference cannot corrupt one another.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = {
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "bce": F.binary_cross_entropy_with_logits,  # classifiers: outputs are logits, targets in [0, 1]
     "mse": F.mse_loss,  # regression, e.g. the lecture's toy network
 }

@@ -44,14 +44,13 @@ import torch
 from bitmoji.core.preprocess import to_model_input
 from bitmoji.server import metrics as m
 from bitmoji.server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
-from bitmoji.server.inputs import InputError, InputSpec, decode_input
+from bitmoji.server.inputs import InputError, InputSpec, Item, decode_input
 from bitmoji.server.model import ServedModel, error_summary
 
 log = logging.getLogger("bitmoji-serve")
 
-Decode = Callable[
-    [object, int, InputSpec], torch.Tensor
-]  # (raw item, its index in the call, the model's spec) -> tensor
+# (an item, its index in the call, the model's spec) -> its tensor
+Decode = Callable[[Item, int, InputSpec], torch.Tensor]
 
 
 class QueueFull(ResourceExhausted):
@@ -330,7 +329,7 @@ class Batcher:
                 if call.remaining == 0:
                     call.finished = True
                     completions.append((call.future, (call.results, call.model), None))
-        if completions:
+        if completions and self._loop is not None:
             self._loop.call_soon_threadsafe(_resolve, completions)
 
     def _fail(self, calls: list[_Call], error: Exception) -> None:

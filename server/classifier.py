@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ DTYPES = {
     pb.DATA_TYPE_FLOAT16: "float16",
     pb.DATA_TYPE_UINT8: "uint8",
 }
-STATES = {state: pb.ModelState.Value(f"MODEL_STATE_{state.value}") for state in State}
+STATES: dict[State, Any] = {state: pb.ModelState.Value(f"MODEL_STATE_{state.value}") for state in State}
 STREAM_WINDOW = 64  # StreamClassify messages in flight per stream (so one stream's messages batch together)
 
 

@@ -27,7 +27,7 @@ from bitmoji.server.errors import InvalidArgument
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 # dtype name -> little-endian numpy dtype
-NUMPY_DTYPES = {
+NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "float16": np.dtype("<f2"),

@@ -108,7 +108,8 @@ def _describe(tensors) -> str:
 
 def split_bytes(raw: bytes, what: str) -> list[bytes]:
     """Raw BYTES contents (each element: 4-byte little-endian length, then the bytes) -> the elements."""
-    out, offset, end = [], 0, len(raw)
+    out: list[bytes] = []
+    offset, end = 0, len(raw)
     while offset < end:
         if offset + 4 > end:
             raise invalid(f"{what}: raw BYTES contents end inside an element's 4-byte length prefix")

@@ -240,6 +240,7 @@ class ModelManager:
         self._torch_threads = torch_threads
         self._on_change = on_change
         self._models: dict[str, ModelEntry] = {}
+        self._model_file = config.model or ""  # --model (when no --model-repository)
         self._load_lock = asyncio.Lock()  # one load at a time: memory deltas stay attributable, CPU stays for serving
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
@@ -251,7 +252,7 @@ class ModelManager:
         config = self._config
         if config.model_repository:
             return repository.scan(config.model_repository)
-        return repository.single_file(config.model, config.model_name)
+        return repository.single_file(self._model_file, config.model_name)
 
     async def start(self) -> None:
         """Read the repository and load what the control mode says (raises RepositoryError for a bad folder)."""
@@ -754,7 +755,7 @@ class ModelManager:
         async with entry.lock:
             slot = entry.slots[1]
             if slot.state is State.READY:
-                await self._reload_in_place(entry, slot, Path(self._config.model), trigger)
+                await self._reload_in_place(entry, slot, Path(self._model_file), trigger)
 
     async def watch(self) -> None:
         """Poll the repository (or the `--model` file) for changes until cancelled."""
@@ -765,14 +766,14 @@ class ModelManager:
                 await asyncio.sleep(interval)
                 await self.poll()
         interval = config.reload_poll_s
-        last = await asyncio.to_thread(file_stamp, config.model)
+        last = await asyncio.to_thread(file_stamp, self._model_file)
         while True:
             await asyncio.sleep(interval)
-            stamp = await asyncio.to_thread(file_stamp, config.model)
+            stamp = await asyncio.to_thread(file_stamp, self._model_file)
             if stamp is None or stamp == last:
                 continue
             await asyncio.sleep(min(interval, SETTLE_S))  # let a writer finish: reload only a file that stood still
-            if await asyncio.to_thread(file_stamp, config.model) != stamp:
+            if await asyncio.to_thread(file_stamp, self._model_file) != stamp:
                 continue
             last = stamp
             loaded = self._models[config.model_name].slots[1].loaded

@@ -72,7 +72,7 @@ def _pem(path: str, what: str) -> bytes:
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mutual TLS), or None for plaintext."""
-    if config.tls_cert is None:
+    if config.tls_cert is None or config.tls_key is None:  # ServerConfig refuses one without the other
         return None
     pair = (_pem(config.tls_key, "--tls-key"), _pem(config.tls_cert, "--tls-cert"))
     client_ca = _pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None

@@ -11,6 +11,7 @@ deserializer and serializer observe a histogram.
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
 import grpc
 
@@ -55,7 +56,7 @@ def add_timed(add_servicer_to_server, servicer, server, histogram) -> None:
         )
     for service, handlers in capture.services.items():
         timed = {
-            method: handler._replace(
+            method: cast(Any, handler)._replace(  # a namedtuple at run time; its stub says otherwise
                 request_deserializer=_timed(handler.request_deserializer, histogram.labels(method, REQUEST).observe),
                 response_serializer=_timed(handler.response_serializer, histogram.labels(method, RESPONSE).observe),
             )

@@ -34,12 +34,12 @@ FLAGS = [
 ]
 CONFIG = dict(arch="mlp", dropout=0.0, augment=False, batch_size=16, lr=1e-3, patience=1, seed=5, progress=False)
 OUTPUTS = ["checkpoint.pt", "curves.png", "history.csv", "history.json", "model.pt"]
+pytestmark = pytest.mark.slow  # torchrun starts processes; each test trains
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("data") / "synth", n_train=32, n_valid=16, seed=3, progress=False)
-
-pytestmark = pytest.mark.slow  # torchrun starts processes; each test trains
-
 
 
 def torchrun_fit(data, out, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
