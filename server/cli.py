@@ -26,6 +26,11 @@ MISSING_EXTRA = (
 )
 
 
+def _stop_before_serving(signum, frame) -> None:
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console entry: serve until a signal, then end the process (0 = clean stop, 1 = could not start).
 
@@ -34,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     a rolling restart should not wait for it. Embed `bitmoji.server.server.Server` instead.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload must not end a starting server
+    # Until serve() (or the supervisor) takes the signals over: a server still starting has accepted nothing,
+    # so a stop request ends it at once, and cleanly (exit 0), not by the signal (-15, a "crash" to a supervisor).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_serving)
     config = parse_config(argv)
     logs.configure(config.log_level, config.log_format)
     code = 0

@@ -66,6 +66,8 @@ class ServerConfig:
     max_concurrent_rpcs: int = 2048
     max_pending_rpcs: int = 10000
     workers: int = 1  # server processes sharing the port (see server.workers)
+    worker_restart_limit: int = 5  # a worker that dies more often than this in the window stops the supervisor
+    worker_restart_window_s: float = 60.0
     cores: int | None = None  # cores the thread defaults are sized to; None: the CPU affinity mask
     decode_workers: int | None = None  # model threads per model version (decode + forward); None: one per core
     torch_threads: int | None = None  # None: half the cores on CPU, 1 with CUDA (see server.server)
@@ -102,6 +104,7 @@ class ServerConfig:
             "max_image_pixels",
             "max_concurrent_rpcs",
             "max_pending_rpcs",
+            "worker_restart_limit",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -123,6 +126,8 @@ class ServerConfig:
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
+        if self.worker_restart_window_s <= 0:
+            raise ValueError(f"--worker-restart-window-s must be positive (got {self.worker_restart_window_s})")
         if self.repository_poll_s <= 0:
             raise ValueError(f"--repository-poll-s must be positive (got {self.repository_poll_s})")
         if self.model_control_mode not in CONTROL_MODES:
@@ -313,6 +318,13 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
         "server processes sharing the gRPC port (SO_REUSEPORT), metrics summed on one endpoint; "
         "each gets its share of the cores",
     )
+    flag(
+        "worker-restart-limit",
+        int,
+        "--workers: a worker that dies more often than this within --worker-restart-window-s stops the server "
+        "(exit 1) instead of being restarted again",
+    )
+    flag("worker-restart-window-s", float, "--workers: the window --worker-restart-limit counts deaths in")
     flag(
         "cores",
         int,

@@ -29,9 +29,9 @@ from bitmoji.core.gradients import LOSSES, ProbeError, ProbeResult, gradient_pro
 from bitmoji.server.batcher import BatchFailed, QueueFull, build_batch
 from bitmoji.server.calls import CURRENT_CALL
 from bitmoji.server.config import ServerConfig
-from bitmoji.server.errors import InvalidArgument, Unimplemented
+from bitmoji.server.errors import InvalidArgument, Unavailable, Unimplemented
 from bitmoji.server.inputs import InputError, Item, decode_input
-from bitmoji.server.metrics import REFUSED_QUEUE, Metrics
+from bitmoji.server.metrics import REFUSED_QUEUE, REFUSED_UNLOADING, Metrics
 from bitmoji.server.model import ServedModel, error_summary
 from bitmoji.server.models import LoadedVersion, ModelManager, ModelStatus
 from bitmoji.server.saliency import saliency_png
@@ -108,7 +108,11 @@ class Engine:
         `deadline` is a time.monotonic() value: items still queued past it are dropped, never run.
         """
         self._check_count(len(items), self.config.max_items_per_call, "call (split the request)")
-        loaded, shadow = self.manager.route(model, version)
+        try:
+            loaded, shadow = self.manager.route(model, version)
+        except Unavailable:  # the version named is being unloaded
+            self._metrics.refusals.labels(REFUSED_UNLOADING).inc()
+            raise
         self._note(loaded)
         loaded.active += 1
         try:

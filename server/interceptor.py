@@ -4,7 +4,8 @@ A gRPC server interceptor (`CallInterceptor`) wraps each method handler:
 
 - before the request is even read, a call may be refused: a wrong or missing
   bearer token (UNAUTHENTICATED / PERMISSION_DENIED, see `security`), the
-  server draining (UNAVAILABLE: retry elsewhere), or `--max-concurrent-rpcs`
+  server still starting or already draining (UNAVAILABLE: retry, or go
+  elsewhere), or `--max-concurrent-rpcs`
   calls already being handled (RESOURCE_EXHAUSTED: back off). A refused call
   costs no parsing, no queue place and no model time, and is counted;
 - every call gets a request id (the caller's `x-request-id` metadata, or a new
@@ -32,7 +33,7 @@ from bitmoji.core.gradients import ProbeError
 from bitmoji.server import tracing
 from bitmoji.server.calls import CURRENT_CALL, CallInfo
 from bitmoji.server.errors import EngineError
-from bitmoji.server.metrics import REFUSED_CONCURRENCY, REFUSED_SHUTDOWN, Metrics
+from bitmoji.server.metrics import REFUSED_CONCURRENCY, REFUSED_SHUTDOWN, REFUSED_STARTING, Metrics
 from bitmoji.server.security import TokenCheck
 
 log = logging.getLogger("bitmoji-serve")
@@ -44,13 +45,22 @@ MAX_REQUEST_ID = 128
 DEADLINE_SLACK_S = 0.05  # a cancel this close to the call's deadline is counted as the deadline (see _cancel_code)
 
 
+PHASE_STARTING, PHASE_SERVING, PHASE_DRAINING = "starting", "serving", "draining"
+# What a starting server answers (readiness says "not yet"); everything else waits for warm-up to end.
+ANSWERED_WHILE_STARTING = ("/inference.GRPCInferenceService/Server", "/inference.GRPCInferenceService/ModelReady")
+
+
 class CallTracker:
-    """Calls being handled now: what `--max-concurrent-rpcs` bounds and what a graceful shutdown waits for."""
+    """Calls being handled now: what `--max-concurrent-rpcs` bounds and what a graceful shutdown waits for.
+
+    `phase` is the server's: while starting and while draining, new calls get UNAVAILABLE (retry, or go to
+    another server), so a call never meets a server with no model loaded yet or one closing its port.
+    """
 
     def __init__(self, max_concurrent: int):
         self.max_concurrent = max_concurrent
         self.active = 0
-        self.refusing = False  # set by the drain: new calls get UNAVAILABLE
+        self.phase = PHASE_STARTING
 
     async def drained(self, timeout: float, settle: float = 0.05) -> bool:
         """Wait until no call is being handled (and none started within `settle`), at most `timeout`; True if so."""
@@ -112,9 +122,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler if refusal is None else _refusing(handler, *refusal, "")
         tracker = self._tracker
         reason = None
-        if refusal is None and tracker.refusing:
+        if refusal is None and tracker.phase == PHASE_DRAINING:
             reason = REFUSED_SHUTDOWN
             refusal = grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry on another server"
+        elif refusal is None and tracker.phase == PHASE_STARTING and not path.startswith(ANSWERED_WHILE_STARTING):
+            reason = REFUSED_STARTING
+            refusal = grpc.StatusCode.UNAVAILABLE, "the server is starting (loading its models): retry shortly"
         elif refusal is None and tracker.active >= tracker.max_concurrent:
             reason = REFUSED_CONCURRENCY
             refusal = (

@@ -51,9 +51,10 @@ DROP_REASONS = (DROP_CANCELLED, DROP_DEADLINE, DROP_FAILED)
 # Why a call was refused before it was served (each is also a bitmoji_requests_total code).
 REFUSED_QUEUE = "queue_full"  # RESOURCE_EXHAUSTED: the version's batch queue has no room for the call's items
 REFUSED_CONCURRENCY = "concurrency"  # RESOURCE_EXHAUSTED: --max-concurrent-rpcs calls are being handled
+REFUSED_STARTING = "starting"  # UNAVAILABLE: the server is loading its models
 REFUSED_SHUTDOWN = "shutdown"  # UNAVAILABLE: the server is draining
 REFUSED_UNLOADING = "unloading"  # UNAVAILABLE: the version is being unloaded
-REFUSED_REASONS = (REFUSED_QUEUE, REFUSED_CONCURRENCY, REFUSED_SHUTDOWN, REFUSED_UNLOADING)
+REFUSED_REASONS = (REFUSED_QUEUE, REFUSED_CONCURRENCY, REFUSED_STARTING, REFUSED_SHUTDOWN, REFUSED_UNLOADING)
 
 LOAD_OK, LOAD_FAILED = "ok", "failed"
 
@@ -99,7 +100,7 @@ class Metrics:
         self.refusals = Counter(
             "bitmoji_refusals",
             "Calls refused before they were served, by reason: queue_full and concurrency (RESOURCE_EXHAUSTED), "
-            "shutdown and unloading (UNAVAILABLE).",
+            "starting, shutdown and unloading (UNAVAILABLE).",
             ["reason"],
             registry=r,
         )

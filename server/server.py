@@ -31,7 +31,7 @@ from bitmoji.core.modelfile import ModelFileError
 from bitmoji.server.classifier import CLASSIFIER, MODEL_REPOSITORY, ClassifierServicer, ModelRepositoryServicer
 from bitmoji.server.config import ServerConfig, address, cpu_count
 from bitmoji.server.engine import Engine
-from bitmoji.server.interceptor import CallInterceptor, CallTracker
+from bitmoji.server.interceptor import PHASE_DRAINING, PHASE_SERVING, CallInterceptor, CallTracker
 from bitmoji.server.metrics import Metrics
 from bitmoji.server.models import ModelManager, State
 from bitmoji.server.repository import RepositoryError
@@ -171,6 +171,7 @@ class Server:
         if config.warmup_delay_s:
             await asyncio.sleep(config.warmup_delay_s)
         self.engine.serving = True
+        self.tracker.phase = PHASE_SERVING
         self.metrics.serving.set(1)
         await self._set_health()
         if config.model_repository and config.model_control_mode == "poll" or config.reload_poll_s:
@@ -233,7 +234,7 @@ class Server:
         if config.shutdown_delay_s:
             log.info("stopping: health NOT_SERVING; serving on for %g s (--shutdown-delay-s)", config.shutdown_delay_s)
             await asyncio.sleep(config.shutdown_delay_s)
-        self.tracker.refusing = True
+        self.tracker.phase = PHASE_DRAINING
         log.info(
             "stopping: new calls refused (UNAVAILABLE), draining %d accepted calls (grace period %g s)",
             self.tracker.active, config.grace_period_s,

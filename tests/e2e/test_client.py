@@ -24,7 +24,7 @@ from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError, cli
 from bitmoji.core.modelfile import file_sha256, load_model
 from bitmoji.core.preprocess import load_image, to_model_input
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVER_FLAGS = ("--max-batch-size", "8")  # fewer batch sizes to warm up on 2 cores
 LECTURE_GRADIENTS = {  # the lecture's worked example: x = 1, target 3, squared error
     "hidden.weight": [[-0.3480], [-1.3032]],

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_client import make_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "proto", "core", "server", "trainer", "client")
 HEAVY = ("torch", "numpy", "PIL")
 

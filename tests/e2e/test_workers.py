@@ -4,10 +4,13 @@ a dead worker restarted, a worker that cannot start failing the whole server."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -139,5 +142,72 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path):
     )
     assert result.returncode == 1, result.stderr
     assert "worker 1: error:" in result.stderr or "worker 2: error:" in result.stderr
-    assert "before it was ready: stopping all workers" in result.stderr
+    assert "before the server was ready: stopping all workers" in result.stderr
     assert "ready on" not in result.stderr
+
+
+def _classify_loop(target: str, image: bytes, stop: threading.Event, outcomes: Counter, failures: list) -> None:
+    """Steady load through the project's client (its retries and round robin), counting every outcome."""
+    from bitmoji.client import BitmojiClient, BitmojiError
+
+    with BitmojiClient(target, timeout=20) as client:
+        while not stop.is_set():
+            try:
+                client.classify([image])
+                outcomes["OK"] += 1
+            except BitmojiError as error:
+                outcomes[error.code.name] += 1
+                failures.append(f"{error.code.name}: {error.details}")
+
+
+def test_a_crashed_worker_fails_no_call_and_sigterm_during_its_restart_exits_0(server_factory, mlp_model_file):
+    server = server_factory(mlp_model_file, "--workers", "2", timeout=120)
+    image = synthetic_images(1)[0]
+    stop, outcomes, failures = threading.Event(), Counter(), []
+    callers = [
+        threading.Thread(target=_classify_loop, args=(server.target, image, stop, outcomes, failures), daemon=True)
+        for _ in range(4)
+    ]
+    for caller in callers:
+        caller.start()
+    try:
+        deadline = time.monotonic() + 30
+        while outcomes["OK"] < 50:
+            assert time.monotonic() < deadline and not failures, (outcomes, failures)
+            time.sleep(0.05)
+        victim = _children(server.proc.pid)[0]
+        before_kill = outcomes["OK"]
+        os.kill(victim, signal.SIGKILL)  # under load: its callers' calls in flight die with it
+        while "restarting it in" not in server.output():
+            assert time.monotonic() < deadline + 30, server.output()
+            time.sleep(0.02)
+        while outcomes["OK"] < before_kill + 100:  # the other worker carries the load meanwhile
+            assert time.monotonic() < deadline + 60, (outcomes, failures)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(30)
+    assert not failures and set(outcomes) == {"OK"}, (outcomes, failures[:5])
+    # SIGTERM while the dead worker is being restarted (it waits 1 s, then starts): a clean stop, exit 0
+    restarts = server.output().count("restarting it in")
+    os.kill(_children(server.proc.pid)[0], signal.SIGKILL)
+    while server.output().count("restarting it in") == restarts:
+        time.sleep(0.02)
+    assert server.stop() == 0, server.output()
+    assert "while stopping" not in server.output()
+
+
+def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up(server_factory, mlp_model_file, tmp_path):
+    model = tmp_path / "model.pt"
+    shutil.copyfile(mlp_model_file, model)
+    server = server_factory(
+        model, "--workers", "2", "--worker-restart-limit", "2", "--worker-restart-window-s", "120", timeout=120
+    )
+    model.write_bytes(b"no longer a model")  # every restart now fails at start
+    os.kill(_children(server.proc.pid)[0], signal.SIGKILL)
+    assert server.proc.wait(120) == 1, server.output()
+    output = server.output()
+    assert output.count("restarting it in 1 s") == 1 and "restarting it in 2 s" in output  # backing off
+    assert "died 3 times in 120 s (--worker-restart-limit 2): giving up" in output
+    assert "worker 2: stopped" in output or "worker 1: stopped" in output  # the healthy worker drained
