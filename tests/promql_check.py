@@ -68,6 +68,30 @@ KNOWN_VALUES: dict[tuple[str, str], frozenset[str]] = {
 Exposition = dict[str, frozenset[str]]  # series name (with _total, _bucket, ...) -> its label names
 
 
+class _Unknown:
+    """The labels of a metric that is not there: any label passes, so one missing metric is one message."""
+
+    def __contains__(self, label) -> bool:
+        return True
+
+    def __sub__(self, other):
+        return self
+
+    def __rsub__(self, other):
+        return frozenset()
+
+    __or__ = __ror__ = __sub__
+
+    def __iter__(self):
+        return iter(())
+
+    def __bool__(self) -> bool:
+        return True
+
+
+UNKNOWN = _Unknown()
+
+
 @dataclass(frozen=True)
 class Query:
     where: str  # e.g. "dashboard panel 'Request rate' target A"
@@ -198,6 +222,8 @@ def metric_names(expr: str) -> set[str]:
 
 
 def _list(labels) -> str:
+    if labels is UNKNOWN:
+        return "unknown labels"
     return ", ".join(sorted(labels)) or "no labels"
 
 
@@ -238,7 +264,7 @@ def _selector(node, exposition: Exposition, problems: list[str]) -> frozenset[st
         have = exposition[name] | TARGET_LABELS
     else:
         problems.append(f"metric {name!r} is not in the exposition")
-        return frozenset()
+        return UNKNOWN
     matchers = list(node.matchers.matchers) + [x for group in node.matchers.or_matchers for x in group]
     for matcher in matchers:
         if matcher.name == "__name__":

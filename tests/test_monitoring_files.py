@@ -177,7 +177,8 @@ QUERIES = all_queries()
 
 @pytest.mark.parametrize("query", QUERIES, ids=[q.where for q in QUERIES])
 def test_every_expression_uses_only_declared_metrics_and_labels(query):
-    assert check(query, declared_exposition()) == []
+    problems = check(query, declared_exposition())
+    assert not problems, "\n".join(problems)
 
 
 def test_the_expression_check_finds_mistakes():
