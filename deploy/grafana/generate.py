@@ -152,8 +152,8 @@ def build() -> dict:
     )  # fmt: skip
     d.panel(
         "stat", "Server-fault ratio", f"Share of RPCs that ended {SERVER_FAULTS} (a bug or a broken model).",
-        [target(
-            f'sum(rate(bitmoji_requests_total{{{MV}, code=~"{SERVER_FAULTS}"}}[{RATE}])) '
+        [target(  # `or vector(0)`: 0 %, not "No data", while no call has failed
+            f'(sum(rate(bitmoji_requests_total{{{MV}, code=~"{SERVER_FAULTS}"}}[{RATE}])) or vector(0)) '
             f"/ sum(rate(bitmoji_requests_total{{{MV}}}[{RATE}]))", "server faults",
         )], w=4, h=4, **stat("percentunit", thresholds=steps(("green", None), ("orange", 0.001), ("red", 0.01))),
     )  # fmt: skip
