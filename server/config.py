@@ -90,6 +90,7 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object a line)
     warmup_delay_s: float = 0.0  # test-only: stay NOT_SERVING this much longer
+    supervised: bool = False  # set by the --workers supervisor on its workers (management calls are refused)
 
     def __post_init__(self):
         if (self.model is None) == (self.model_repository is None):
@@ -380,6 +381,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag("log-level", str.upper, "DEBUG, INFO, WARNING or ERROR")
     flag("log-format", str, "text (for people) or json (one object a line, for log pipelines)", choices=LOG_FORMATS)
     flag("warmup-delay-s", float, "test-only: stay NOT_SERVING this much longer after warm-up", hidden=True)
+    flag("supervised", _bool, "set by the --workers supervisor on its workers", hidden=True, nargs="?", const=True)
     return parser
 
 

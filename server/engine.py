@@ -31,7 +31,7 @@ from bitmoji.server.calls import CURRENT_CALL
 from bitmoji.server.config import ServerConfig
 from bitmoji.server.errors import InvalidArgument, Unavailable, Unimplemented
 from bitmoji.server.inputs import InputError, Item, decode_input
-from bitmoji.server.metrics import REFUSED_QUEUE, REFUSED_UNLOADING, Metrics
+from bitmoji.server.metrics import REFUSED_QUEUE, REFUSED_UNLOADING, SHADOW_BUSY, SHADOW_FAILED, Metrics
 from bitmoji.server.model import ServedModel, error_summary
 from bitmoji.server.models import LoadedVersion, ModelManager, ModelStatus
 from bitmoji.server.saliency import saliency_png
@@ -132,7 +132,7 @@ class Engine:
             len(self._shadow_tasks) >= SHADOW_MAX_CALLS
             or shadow.batcher.queued + len(items) > shadow.batching.max_queue // 2
         ):
-            self._metrics.shadow_skipped.labels(loaded.model, "busy").inc()
+            self._metrics.shadow_skipped.labels(loaded.model, SHADOW_BUSY).inc()
             return
         task = asyncio.ensure_future(self._compare(loaded, shadow, items, results))
         self._shadow_tasks.add(task)
@@ -143,7 +143,7 @@ class Engine:
         try:
             theirs, _ = await shadow.batcher.run(items, arrived=time.monotonic())
         except Exception as exc:  # the shadow's failure is never the caller's
-            self._metrics.shadow_skipped.labels(loaded.model, "failed").inc()
+            self._metrics.shadow_skipped.labels(loaded.model, SHADOW_FAILED).inc()
             log.debug("shadow run on %s version %s failed: %s", shadow.model, shadow.label, exc)
             return
         finally:

@@ -58,6 +58,10 @@ REFUSED_REASONS = (REFUSED_QUEUE, REFUSED_CONCURRENCY, REFUSED_STARTING, REFUSED
 
 LOAD_OK, LOAD_FAILED = "ok", "failed"
 
+# Why a call was not shadowed.
+SHADOW_BUSY = "busy"  # the shadow's queue was over half full, or too many shadow runs were in flight
+SHADOW_FAILED = "failed"  # the shadow run raised (the caller never sees it)
+
 
 def multiprocess() -> bool:
     """True under `--workers N` (prometheus-client keeps values in PROMETHEUS_MULTIPROC_DIR files)."""
@@ -166,6 +170,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.model_versions = Gauge(
+            "bitmoji_model_versions",
+            "Versions of a model by state (UNAVAILABLE, LOADING, READY, UNLOADING, FAILED): a FAILED one never served.",
+            ["model", "state"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.model_loads = Counter(
             "bitmoji_model_loads",
             "Model version loads and in-place reloads, by result (ok: serving; failed: refused, nothing replaced).",
@@ -234,6 +245,18 @@ class Metrics:
         self.build_info.labels(
             _version("bitmoji-serving"), torch_version, grpc.__version__, platform.python_version()
         ).set(1)
+
+    def model_seen(self, model: str) -> None:
+        """Export a model's load and shadow counters at 0 from the start, so increase() sees their first event."""
+        for result in (LOAD_OK, LOAD_FAILED):
+            self.model_loads.labels(model, result)
+        for reason in (SHADOW_BUSY, SHADOW_FAILED):
+            self.shadow_skipped.labels(model, reason)
+
+    def shadow_pair(self, model: str, version: str, shadow_version: str) -> None:
+        """Export a new shadow pairing's comparison counters at 0."""
+        self.shadow_comparisons.labels(model, version, shadow_version)
+        self.shadow_disagreements.labels(model, version, shadow_version)
 
     def version_metrics(self, model: str, version: str) -> VersionMetrics:
         """The per-version children a batcher and a probe observe (bound once: no label lookup per item)."""
@@ -321,7 +344,7 @@ class ProcessMetrics:
     In one process, prometheus-client's own collectors (RSS, CPU seconds, open
     fds, start time; garbage collections). Under `--workers N` those collectors
     would describe only the supervisor, so each worker keeps the same figures
-    as multiprocess gauges (mode `all`: one series per worker, labelled `pid`),
+    as multiprocess gauges (mode `liveall`: one series per live worker, labelled `pid`),
     refreshed by `update()` every few seconds; the supervisor adds its own.
     """
 
@@ -339,7 +362,8 @@ class ProcessMetrics:
             ("process_start_time_seconds", "Start time of the process since the epoch, in seconds (per worker)."),
             ("python_gc_collections_total", "Garbage collections run, all generations (per worker)."),
         ):
-            self._gauges[name] = Gauge(name, documentation, multiprocess_mode="all", registry=registry)
+            # liveall: a dead worker's series go (its replacement's come), so sums per instance stay right
+            self._gauges[name] = Gauge(name, documentation, multiprocess_mode="liveall", registry=registry)
         self._gauges["process_start_time_seconds"].set(_process_start_time())
         self.update()
 

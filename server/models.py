@@ -278,15 +278,18 @@ class ModelManager:
         for name, source in sources.items():
             entry = self._models.get(name)
             if entry is None:
-                entry = self._models[name] = ModelEntry(name, source, pinned=source.config.default_version)
+                entry = self._models[name] = ModelEntry(name, source)
+                _route_from_config(entry, source.config)
+                self._metrics.model_seen(name)
                 entry.wanted = not explicit or "*" in self._config.load_model or name in self._config.load_model
                 if trigger != "start":
                     log.info(
                         "model repository %s: new model %s (versions %s)", trigger, name, _versions(source.versions)
                     )
             else:
-                if entry.source is not None and source.config.default_version != entry.source.config.default_version:
-                    entry.pinned = source.config.default_version
+                if entry.source is not None and _routing(source.config) != _routing(entry.source.config):
+                    _route_from_config(entry, source.config)  # config.json's routing changed: it wins
+                    log.info("model repository %s: %s's routing from config.json", trigger, name)
                 entry.source = source
             for version in source.versions:
                 entry.slots.setdefault(version, VersionSlot(version))
@@ -527,6 +530,15 @@ class ModelManager:
 
     def _changed(self, entry: ModelEntry) -> None:
         entry.recompute_route()
+        counts = {state: 0 for state in State}
+        for slot in entry.slots.values():
+            counts[slot.state] += 1
+        for state, count in counts.items():
+            self._metrics.model_versions.labels(entry.name, state.value).set(count)
+        route = entry.route
+        for candidate in (route.canary, route.shadow):
+            if candidate is not None and route.default is not None:
+                self._metrics.shadow_pair(entry.name, route.default.label, candidate.label)
         self._on_change(entry.name)
 
     # -- management -----------------------------------------------------------------
@@ -537,7 +549,15 @@ class ModelManager:
             raise NotFound(f"unknown model {name!r}; {self.describe_available()}")
         return entry
 
+    def _check_supervised(self, what: str) -> None:
+        if self._config.supervised:
+            raise FailedPrecondition(
+                f"{what}: this process is one of --workers N, each with its own models, and the call reaches one; "
+                "manage models on a server of one process per host (or pod), or with poll mode and config.json"
+            )
+
     def _check_control(self, what: str) -> None:
+        self._check_supervised(what)
         if self._config.model_control_mode != "explicit":
             raise FailedPrecondition(
                 f"{what} needs --model-control-mode explicit (this server runs {self._config.model_control_mode}: "
@@ -580,6 +600,7 @@ class ModelManager:
 
     def set_default_version(self, name: str, version: str) -> ModelStatus:
         """Promote or roll back: the version calls that name none get ("" unpins: the highest READY)."""
+        self._check_supervised("setting the default version")
         entry = self.entry(name)
         before = entry.default_version()
         if version:
@@ -607,6 +628,7 @@ class ModelManager:
 
     def set_traffic(self, name: str, canary_version: str, canary_weight: float, shadow_version: str) -> ModelStatus:
         """Canary (a weighted share of calls naming no version) and shadow, each a READY version or none."""
+        self._check_supervised("setting traffic rules")
         entry = self.entry(name)
         ready = {v.version for v in entry.ready()}
         default = entry.default_version()
@@ -791,6 +813,17 @@ class ModelManager:
         """Stop every batcher (after the server's drain: nothing is queued any more)."""
         for loaded in self.all_loaded():
             loaded.batcher.close(timeout=timeout)
+
+
+def _routing(config: repository.ModelConfig) -> tuple:
+    return config.default_version, config.canary_version, config.canary_weight, config.shadow_version
+
+
+def _route_from_config(entry: ModelEntry, config: repository.ModelConfig) -> None:
+    """config.json's default version, canary and shadow (versions not READY are skipped when routing)."""
+    entry.pinned = config.default_version
+    entry.canary, entry.canary_weight = config.canary_version, config.canary_weight if config.canary_version else 0.0
+    entry.shadow = config.shadow_version
 
 
 async def _settled(path: Path, stamp) -> bool:

@@ -7,11 +7,16 @@ integers (written as such: `1`, `12`, not `01`), and an optional
     {
       "version_policy": {"latest": {"num_versions": 2}},   # or {"all": {}}, or {"specific": {"versions": [1, 3]}}
       "default_version": 1,                                # pin what calls naming no version get
+      "canary": {"version": 2, "weight": 0.1},             # a share of those calls goes to another version
+      "shadow": 2,                                         # ... or every one also runs on it, compared
       "max_batch_size": 32, "max_batch_delay_ms": 2.0, "max_queue": 1024, "model_threads": 2
     }
 
 Every key is optional; the batching keys default to the server's flags, the
-policy to `latest` 1 (Triton's default). A folder or file whose name is not a
+policy to `latest` 1 (Triton's default). The routing keys (default_version,
+canary, shadow) are what the ModelRepository service's SetDefaultVersion and
+SetTraffic set, kept in the repository: under --workers (where a management
+call reaches one worker) and in GitOps-style roll-outs they are the way. A folder or file whose name is not a
 model or version name is ignored (hidden `.tmp-*` folders of a publish in
 progress, say). `--model FILE` is a repository of one model (`--model-name`,
 default `bitmoji`) with one version, 1.
@@ -71,6 +76,9 @@ class ModelConfig:
 
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     default_version: int | None = None
+    canary_version: int | None = None
+    canary_weight: float = 0.0
+    shadow_version: int | None = None
     max_batch_size: int | None = None
     max_batch_delay_ms: float | None = None
     max_queue: int | None = None
@@ -103,7 +111,7 @@ def parse_config(text: str, where: str) -> ModelConfig:
         raise RepositoryError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise RepositoryError(f"{where}: expected a JSON object")
-    unknown = set(raw) - {"version_policy", "default_version", *BATCHING_KEYS}
+    unknown = set(raw) - {"version_policy", "default_version", "canary", "shadow", *BATCHING_KEYS}
     if unknown:
         raise RepositoryError(f"{where}: unknown keys {sorted(unknown)}")
     values: dict = {}
@@ -124,6 +132,17 @@ def parse_config(text: str, where: str) -> ModelConfig:
         values["default_version"] = _positive(raw["default_version"], f"{where}: default_version")
     if "version_policy" in raw:
         values["version_policy"] = _policy(raw["version_policy"], where)
+    if "shadow" in raw:
+        values["shadow_version"] = _positive(raw["shadow"], f"{where}: shadow")
+    if "canary" in raw:
+        canary = raw["canary"]
+        if not isinstance(canary, dict) or set(canary) != {"version", "weight"}:
+            raise RepositoryError(f'{where}: canary must be {{"version": N, "weight": W}}')
+        weight = canary["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise RepositoryError(f"{where}: canary weight must lie in [0, 1] (got {weight!r})")
+        values["canary_version"] = _positive(canary["version"], f"{where}: canary version")
+        values["canary_weight"] = float(weight)
     return ModelConfig(**values)
 
 

@@ -104,6 +104,7 @@ class Supervisor:
             "0",
             "--cores",
             str(worker_cores(self.config)),
+            "--supervised",
         ]
 
     async def start(self, index: int) -> None:

@@ -57,7 +57,8 @@ def make_repository(repo: Path) -> Path:
     export_mlp(repo / "bitmoji" / "2" / "model.pt", flip=True)
     (repo / "bitmoji" / "3").mkdir()
     (repo / "bitmoji" / "3" / "model.pt").write_bytes(b"not a TorchScript file")
-    config = {"version_policy": {"all": {}}, "default_version": 1, "max_queue": QUEUE}
+    # the shadow from config.json: under --workers each worker keeps its own routing, so SetTraffic is refused there
+    config = {"version_policy": {"all": {}}, "default_version": 1, "shadow": 2, "max_queue": QUEUE}
     (repo / "bitmoji" / "config.json").write_text(json.dumps(config))
     return repo
 
@@ -65,8 +66,6 @@ def make_repository(repo: Path) -> Path:
 def exercise(channel, rounds: int = 1, pause: float = 0.0) -> None:
     """Calls that create every series the monitoring uses (see the module docstring)."""
     classifier = pb_grpc.ClassifierStub(channel)
-    management = pb_grpc.ModelRepositoryStub(channel)
-    management.SetTraffic(pb.SetTrafficRequest(model_name="bitmoji", shadow_version="2"), timeout=30)
     images = [image_input(data) for data in synthetic_images(QUEUE + 1)]
     for _ in range(rounds):
         for i in range(3):
@@ -95,7 +94,7 @@ def exposition(request, tmp_path_factory):
         None, "--model-repository", str(repo), "--max-batch-delay-ms", "2", *request.param, timeout=120
     )
     try:
-        # one channel, one connection: under --workers every call (SetTraffic too) reaches the same worker
+        # one channel, one connection: under --workers every call reaches the same worker
         with grpc.insecure_channel(server.target) as channel:
             exercise(channel)
         # the shadow runs after the caller's answer: wait for its comparisons
