@@ -43,6 +43,8 @@ import torch
 
 from bitmoji.core.preprocess import to_model_input
 from bitmoji.server import metrics as m
+from bitmoji.server import tracing
+from bitmoji.server.calls import CURRENT_CALL
 from bitmoji.server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from bitmoji.server.inputs import InputError, InputSpec, Item, decode_input
 from bitmoji.server.model import ServedModel, error_summary
@@ -70,9 +72,9 @@ class ShuttingDown(Unavailable):
 
 
 class _Call:
-    __slots__ = ("future", "results", "remaining", "deadline", "abandoned", "finished", "model")
+    __slots__ = ("future", "results", "remaining", "deadline", "abandoned", "finished", "model", "trace", "request_id")
 
-    def __init__(self, future: asyncio.Future, n: int, deadline: float | None):
+    def __init__(self, future: asyncio.Future, n: int, deadline: float | None, span=None, request_id: str = ""):
         self.future = future
         self.results: list = [None] * n
         self.remaining = n
@@ -80,6 +82,9 @@ class _Call:
         self.abandoned = False  # set on the loop when the caller cancelled
         self.finished = False  # set on a model thread once answered or failed
         self.model: ServedModel | None = None  # the model that ran its (first) batch: what the call reports
+        # traced calls only: [its RPC span, arrival, first decode start, last decode end] (see tracing.record_batch)
+        self.trace: list | None = [span, 0.0, float("inf"), 0.0] if span is not None else None
+        self.request_id = request_id  # for log lines written on a model thread, outside the call's context
 
 
 class _Item:
@@ -102,6 +107,13 @@ def _resolve(completions: list) -> None:
                 future.set_exception(error)
 
 
+def _requests(items) -> dict:
+    """`extra` for a log line about a batch: its calls' request ids and trace ids (see bitmoji.server.logs)."""
+    calls = {id(item.call): item.call for item in items}.values()
+    traces = {f"{c.trace[0].get_span_context().trace_id:032x}" for c in calls if c.trace is not None}
+    return {"request_ids": sorted(c.request_id for c in calls if c.request_id), "trace_ids": sorted(traces)}
+
+
 def build_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Items of one shape -> one batch; uint8 stays uint8 (converted on the device) unless mixed with floats."""
     if all(t.dtype == torch.uint8 for t in tensors):
@@ -119,6 +131,7 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         metrics: m.VersionMetrics,
+        name: tuple[str, str] = ("", ""),
         threads: int = 1,
         torch_threads: int | None = None,
     ):
@@ -129,6 +142,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self._metrics = metrics
+        self._name = name  # (model, version): for the batch's trace span
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._busy = 0  # model threads running a batch
@@ -163,7 +177,10 @@ class Batcher:
         Returns one result per item, in order, and the model that ran them.
         """
         loop = self._loop = asyncio.get_running_loop()
-        call = _Call(loop.create_future(), len(raws), deadline)
+        info = CURRENT_CALL.get()
+        call = _Call(loop.create_future(), len(raws), deadline, tracing.current_span(), info.request_id if info else "")
+        if call.trace is not None:
+            call.trace[1] = arrived
         items = [_Item(call, i, raw, arrived) for i, raw in enumerate(raws)]
         with self._cond:
             if self._closed:
@@ -208,7 +225,7 @@ class Batcher:
             try:
                 self._execute(items)
             except Exception:  # a bug here must not kill the model thread (every call would hang)
-                log.exception("batcher error")
+                log.exception("batcher error", extra=_requests(items))
                 self._fail([item.call for item in items], BatchFailed("internal error in the batcher"))
             finally:
                 with self._cond:
@@ -272,7 +289,7 @@ class Batcher:
                 (item, tensor) for item, tensor in group if not item.call.finished
             ]  # a batch-mate failed to decode
             if group:
-                self._forward(model, group)
+                self._forward(model, group, start)
 
     def _decode_all(self, live: list[_Item], model: ServedModel) -> dict[tuple, list]:
         """Decode each item for `model`; group them by shape (in queue order). An item that fails fails its call."""
@@ -283,22 +300,27 @@ class Batcher:
             if item.call.finished:
                 continue
             t0 = time.perf_counter()
+            trace = item.call.trace
+            if trace is not None:
+                trace[2] = min(trace[2], time.monotonic())
             try:
                 tensor = decode(item.raw, item.index, spec)
             except InputError as exc:
                 self._fail([item.call], exc)
                 continue
             except Exception as exc:
-                log.exception("decoding inputs[%d] failed", item.index)
+                log.exception("decoding inputs[%d] failed", item.index, extra=_requests([item]))
                 self._fail(
                     [item.call], BatchFailed(f"internal error decoding inputs[{item.index}]: {type(exc).__name__}")
                 )
                 continue
             observe(time.perf_counter() - t0)
+            if trace is not None:
+                trace[3] = time.monotonic()
             groups.setdefault(tuple(tensor.shape), []).append((item, tensor))
         return groups
 
-    def _forward(self, model: ServedModel, group: list) -> None:
+    def _forward(self, model: ServedModel, group: list, batch_start: float = 0.0) -> None:
         metrics = self._metrics
         start = time.monotonic()
         try:
@@ -307,14 +329,21 @@ class Batcher:
             reason = error_summary(exc)
             log.error(
                 "forward pass failed on a batch of %d items of shape %s: %s",
-                len(group),
-                list(group[0][1].shape),
-                reason,
-            )
+                len(group), list(group[0][1].shape), reason, extra=_requests([item for item, _ in group]),
+            )  # fmt: skip
             self._fail([item.call for item, _tensor in group], BatchFailed(f"model forward failed: {reason}"))
             return
-        metrics.forward.observe(time.monotonic() - start)
+        end = time.monotonic()
+        metrics.forward.observe(end - start)
         metrics.batch_size.observe(len(group))
+        traced = {id(item.call): item.call for item, _tensor in group if item.call.trace is not None}
+        if traced:
+            counts = collections.Counter(id(item.call) for item, _tensor in group)
+            tracing.record_batch(
+                [(*call.trace, counts[key]) for key, call in traced.items()],
+                batch_start=batch_start, forward_start=start, forward_end=end, size=len(group),
+                model=self._name[0], version=self._name[1],
+            )  # fmt: skip
         metrics.items.inc(len(group))
         completions = []
         with self._answering:

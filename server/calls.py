@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
 class CallInfo:
-    method: str
+    method: str  # Classify, ModelInfer, ...
     request_id: str
+    service: str = ""  # bitmoji.v1.Classifier, inference.GRPCInferenceService, ...
     model: str = ""
     version: str = ""
     trace_id: str = ""
-    span: object = None  # the RPC's OpenTelemetry span, when tracing is on
+    span: Any = None  # the RPC's OpenTelemetry span, when tracing is on
 
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("bitmoji_call", default=None)

@@ -74,6 +74,7 @@ class ServerConfig:
     optimize: str = "auto"  # Classify on a frozen, optimized copy: auto (when faster) | on | off
     input_shape: tuple[int, ...] | None = None  # item shape for models whose file declares none
     gradient_probe: bool = True
+    open_inference_protocol: bool = True  # serve inference.GRPCInferenceService (KServe V2) beside bitmoji.v1
     shutdown_delay_s: float = 0.0  # on SIGTERM: keep serving this long while health says NOT_SERVING
     grace_period_s: float = 10.0  # then: how long accepted calls may take to finish
     reload_poll_s: float = 0.0  # --model: 0 = reload on SIGHUP only; > 0 = also when the file changes
@@ -363,6 +364,14 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
         "on SIGTERM/SIGINT, keep serving this long with health NOT_SERVING (so load balancers move away first), "
         "then refuse new calls with UNAVAILABLE",
     )
+    flag(
+        "disable-open-inference-protocol",
+        _bool,
+        "do not serve the Open Inference Protocol (KServe V2, inference.GRPCInferenceService) beside bitmoji.v1",
+        default=False,
+        nargs="?",
+        const=True,
+    )
     flag("grace-period-s", float, "then, how long accepted calls may take to finish")
     flag("reload-poll-s", float, "also reload the model when its file changes, checked this often (0: SIGHUP only)")
     flag("tls-cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key)")
@@ -390,6 +399,7 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> ServerCon
     parser = build_parser(environ)
     args = vars(parser.parse_args(argv))
     args["gradient_probe"] = not args.pop("disable_gradient_probe")
+    args["open_inference_protocol"] = not args.pop("disable_open_inference_protocol")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "model", "model_repository", "default_model", *TOKEN_NAMES):
         args[name] = args[name] or None  # an empty environment variable means unset
     for name in TOKEN_NAMES:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitmoji.core.gradients import LOSSES, ProbeError, ProbeResult, gradient_probe
+from bitmoji.server import tracing
 from bitmoji.server.batcher import BatchFailed, QueueFull, build_batch
 from bitmoji.server.calls import CURRENT_CALL
 from bitmoji.server.config import ServerConfig
@@ -182,6 +183,7 @@ class Engine:
         served = loaded.served
         loss = self._loss(loss, served)
         loaded.active += 1
+        started = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
             result, pngs = await loop.run_in_executor(
@@ -189,6 +191,8 @@ class Engine:
             )
         finally:
             loaded.active -= 1
+        attributes = {"bitmoji.loss": loss, "bitmoji.items": len(items)}
+        tracing.record_child("gradient_probe", started, time.monotonic(), attributes)
         self._metrics.probes.labels(loaded.model, loaded.label, loss).inc()
         return ProbeOutcome(result, pngs, loaded.model, loaded.label, served)
 

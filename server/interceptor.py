@@ -116,7 +116,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or path.startswith(HEALTH_PREFIX):
             return handler  # unknown methods are UNIMPLEMENTED either way; health is always open
         metadata = details.invocation_metadata
-        method = path.rsplit("/", 1)[-1]
+        service, _, method = path[1:].rpartition("/")
         refusal = self._tokens.check(path, metadata) if self._tokens is not None else None
         if path.startswith(REFLECTION_PREFIX):
             return handler if refusal is None else _refusing(handler, *refusal, "")
@@ -144,15 +144,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             log.debug("%s refused: %s (%s) [request %s]", method, code.name, message, rid)
             return _refusing(handler, code, message, rid)
         if handler.request_streaming and handler.response_streaming:
-            return handler._replace(stream_stream=self._stream(handler.stream_stream, method, rid, metadata))
+            return handler._replace(stream_stream=self._stream(handler.stream_stream, service, method, rid, metadata))
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, method, rid, metadata))
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, service, method, rid, metadata))
         return handler  # no other kind is served (server streaming, client streaming)
 
     @contextlib.asynccontextmanager
-    async def _handling(self, method: str, rid: str, metadata, context):
+    async def _handling(self, service: str, method: str, rid: str, metadata, context):
         """Around one call's handler: in flight, request id, span; its outcome counted, timed and made a status."""
-        call = CallInfo(method, rid)
+        call = CallInfo(method, rid, service)
         token = CURRENT_CALL.set(call)
         tracing.start_call(call, metadata)
         self._tracker.active += 1
@@ -180,16 +180,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             tracing.end_call(call, code.name)
             CURRENT_CALL.reset(token)
 
-    def _unary(self, behavior, method: str, rid: str, metadata):
+    def _unary(self, behavior, service: str, method: str, rid: str, metadata):
         async def unary(request, context):
-            async with self._handling(method, rid, metadata, context):
+            async with self._handling(service, method, rid, metadata, context):
                 return await behavior(request, context)
 
         return unary
 
-    def _stream(self, behavior, method: str, rid: str, metadata):
+    def _stream(self, behavior, service: str, method: str, rid: str, metadata):
         async def stream(request_iterator, context):
-            async with self._handling(method, rid, metadata, context):
+            async with self._handling(service, method, rid, metadata, context):
                 async for response in behavior(request_iterator, context):
                     yield response
 

@@ -28,6 +28,8 @@ class TextFormatter(logging.Formatter):
         call = CURRENT_CALL.get()
         if call is not None and "[request " not in text:
             text += f" [request {call.request_id}]"
+        elif ids := getattr(record, "request_ids", None):  # a line about a batch, from a model thread
+            text += f" [requests {', '.join(ids)}]"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -49,8 +51,8 @@ class JsonFormatter(logging.Formatter):
             for key in ("trace_id", "model", "version"):
                 if getattr(call, key):
                     entry[key] = getattr(call, key)
-        for key in ("worker",):
-            if hasattr(record, key):
+        for key in ("worker", "request_ids", "trace_ids"):
+            if getattr(record, key, None):
                 entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

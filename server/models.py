@@ -407,6 +407,7 @@ class ModelManager:
             metrics=metrics,
             threads=batching.model_threads,
             torch_threads=self._torch_threads,
+            name=(entry.name, label),
         )
         batcher.start()
         slot.loaded = LoadedVersion(entry.name, slot.version, path, batcher, metrics, batching, stamp, memory, forward)

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bitmoji.core.device import resolve_device
 from bitmoji.core.modelfile import ModelFileError
+from bitmoji.server import tracing
 from bitmoji.server.classifier import CLASSIFIER, MODEL_REPOSITORY, ClassifierServicer, ModelRepositoryServicer
 from bitmoji.server.config import ServerConfig, address, cpu_count
 from bitmoji.server.engine import Engine
@@ -93,6 +94,7 @@ class Server:
         self._httpd = None
         self._background: list[asyncio.Task] = []
         self._tokens: tuple[str | None, str | None, str | None] = (None, None, None)
+        self._tracing = False  # tracing turned on by this server (from OTEL_*): flushed at stop
 
     @property
     def serving(self) -> bool:
@@ -101,8 +103,13 @@ class Server:
     async def start(self) -> None:
         """Open the port (health NOT_SERVING) and the metrics endpoint; raise on a misconfiguration."""
         config, metrics = self.config, self.metrics
-        # Certificates and tokens first: a misconfigured server fails before the (slow) model load.
+        # Certificates, tokens and tracing first: a misconfigured server fails before the (slow) model load.
         credentials = server_credentials(config)
+        if not tracing.enabled():
+            try:
+                self._tracing = tracing.configure_from_environment()
+            except (ValueError, ImportError) as exc:
+                raise RuntimeError(str(exc)) from None
         self._tokens = tokens(config)
         if self._tokens[0] and credentials is None and config.host not in LOCAL_HOSTS:
             log.warning(
@@ -130,17 +137,15 @@ class Server:
         timing = metrics.serialization_duration
         add_timed(pb_grpc.add_ClassifierServicer_to_server, ClassifierServicer(self.engine), server, timing)
         add_timed(pb_grpc.add_ModelRepositoryServicer_to_server, ModelRepositoryServicer(self.engine), server, timing)
-        # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships the
-        # same `inference.*` protobuf messages, and a process that imports this module (a test) may load tritonclient.
-        from bitmoji.server import kserve
+        self._services = (CLASSIFIER, MODEL_REPOSITORY)
+        if config.open_inference_protocol:
+            # The Open Inference Protocol (KServe V2) beside it. Imported here, not at the top: tritonclient ships
+            # the same `inference.*` protobuf messages, and a process that imports this module may load tritonclient.
+            from bitmoji.server import kserve
 
-        add_timed(
-            kserve.kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
-            kserve.KServeServicer(self.engine),
-            server,
-            timing,
-        )
-        self._services = (CLASSIFIER, MODEL_REPOSITORY, kserve.SERVICE_NAME)
+            kserve_servicer = kserve.KServeServicer(self.engine)
+            add_timed(kserve.kpb_grpc.add_GRPCInferenceServiceServicer_to_server, kserve_servicer, server, timing)
+            self._services += (kserve.SERVICE_NAME,)
         for name in ("", *self._services):
             await self._health.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -252,6 +257,8 @@ class Server:
         self._probe_pool.shutdown(wait=False, cancel_futures=True)
         if self._httpd is not None:
             await asyncio.to_thread(self._httpd.shutdown)
+        if self._tracing:
+            await asyncio.to_thread(tracing.shutdown)
 
 
 async def serve(config: ServerConfig) -> None:

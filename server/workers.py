@@ -135,7 +135,7 @@ class Supervisor:
                 return line
         prefix = "bitmoji-serve: "
         if line.startswith(prefix):
-            sys.stderr.write(f"{prefix}worker {index}: {line[len(prefix):]}\n")
+            sys.stderr.write(f"{prefix}worker {index}: {line[len(prefix) :]}\n")
             return line[len(prefix) :]
         sys.stderr.write(f"{prefix}worker {index}: {line}\n")
         return line

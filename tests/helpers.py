@@ -75,10 +75,16 @@ class FaultyNet(nn.Module):
         return x[:, :1] * self.scale + 0.0 * h[0, 0]
 
 
-def export_faulty_model(path: Path, build: str = "faulty-1") -> Path:
-    return export_torchscript(
-        FaultyNet(), path, {"model_version": build, "input": {"shape": [2]}}, torch.tensor([[0.5, 0.0]])
-    )
+def export_faulty_model(path: Path, build: str = "faulty-1", *, scale: float = 1.0, classes: bool = False) -> Path:
+    """FaultyNet with its logit scaled by `scale` (-1: every label flips), optionally with class names."""
+    net = FaultyNet()
+    with torch.no_grad():
+        net.scale.fill_(scale)
+    metadata: dict = {"model_version": build, "input": {"shape": [2]}}
+    if classes:
+        metadata.update(class_names=["eva", "not_eva"], positive_class="eva")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_torchscript(net, path, metadata, torch.tensor([[0.5, 0.0]]))
 
 
 # -- a real server ------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import grpc
 import promql_parser as pp
 import yaml
 
-from bitmoji.inference import grpc_service_pb2
 from bitmoji.server import metrics as m
 from bitmoji.v1 import classifier_pb2
 
@@ -49,11 +48,12 @@ WORDS = re.compile(r"^[A-Za-z0-9_]+(\|[A-Za-z0-9_]+)*$")  # a regex matcher that
 
 # The values the server exports for a label, where it names them: a matcher on any other value never matches.
 STATUS_CODES = frozenset(code.name for code in grpc.StatusCode)
+# The Open Inference Protocol's methods are read from its .proto, not its stubs: a process that imports the
+# server's `inference` stubs cannot import tritonclient's (tests/e2e/test_kserve.py does).
+_KSERVE_PROTO = Path(__file__).resolve().parents[1] / "proto" / "bitmoji" / "inference" / "grpc_service.proto"
 METHODS = frozenset(  # the interceptor's `method` label: the RPC's name, of every service it counts
-    method.name
-    for module in (classifier_pb2, grpc_service_pb2)
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
+    [method.name for service in classifier_pb2.DESCRIPTOR.services_by_name.values() for method in service.methods]
+    + re.findall(r"^\s*rpc (\w+)\(", _KSERVE_PROTO.read_text(), re.M)
 )
 KNOWN_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("bitmoji_requests_total", "code"): STATUS_CODES,
