@@ -124,7 +124,7 @@ def gradient_probe(
         grads = torch.autograd.grad(value, [x] + [p for _, p in named], allow_unused=True)
     parameters = [
         ParameterGradient(name, torch.zeros_like(p) if g is None else g.detach())
-        for (name, p), g in zip(named, grads[1:])
+        for (name, p), g in zip(named, grads[1:], strict=True)
     ]
     input_gradient = torch.zeros_like(x) if grads[0] is None else grads[0].detach()
     return ProbeResult(float(value.detach()), outputs.detach(), parameters, input_gradient)

@@ -124,7 +124,8 @@ def export_torchscript(
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=0):
         path.unlink()
         raise ModelFileError(
-            f"exported model disagrees with the eager model (max diff {float((got - expected).abs().max()):.3g} > {atol})"
+            f"exported model disagrees with the eager model "
+            f"(max diff {float((got - expected).abs().max()):.3g} > {atol})"
         )
     if not torch.equal(got, again):
         path.unlink()
@@ -139,7 +140,8 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.jit.Scrip
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:
         raise ModelFileError(
-            f"{path}: not a loadable TorchScript file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"{path}: not a loadable TorchScript file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
     raw = extra[METADATA_FILE]
     try:

@@ -347,7 +347,7 @@ class Batcher:
         metrics.items.inc(len(group))
         completions = []
         with self._answering:
-            for (item, _tensor), result in zip(group, results):
+            for (item, _tensor), result in zip(group, results, strict=True):
                 call = item.call
                 if call.finished:
                     continue

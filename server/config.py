@@ -237,7 +237,8 @@ def _bool(text: str) -> bool:
 def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitmoji-serve",
-        description="Serve a bitmoji TorchScript model over gRPC (Classify, StreamClassify, GradientProbe, GetModelInfo, "
+        description="Serve bitmoji TorchScript models over gRPC (Classify, StreamClassify, GradientProbe, "
+        "GetModelInfo, ModelRepository, "
         "and the Open Inference Protocol, KServe V2), with health, reflection and Prometheus metrics.",
         epilog=f"Every flag can also be set by an environment variable: {ENV_PREFIX}<FLAG_NAME>, "
         f"e.g. {ENV_PREFIX}MAX_BATCH_SIZE=64. Flags win over the environment.",

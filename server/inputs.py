@@ -79,7 +79,8 @@ def _decode_tensor(tensor: RawTensor, index: int, expected: tuple[int, ...] | No
     dtype = NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InputError(
-            f"inputs[{index}]: unsupported tensor dtype {tensor.dtype}; use {', '.join(n.upper() for n in NUMPY_DTYPES)}"
+            f"inputs[{index}]: unsupported tensor dtype {tensor.dtype}; "
+            f"use {', '.join(n.upper() for n in NUMPY_DTYPES)}"
         )
     shape = tensor.shape
     if len(shape) > MAX_RANK or any(d < 1 for d in shape):

@@ -647,7 +647,9 @@ class ModelManager:
         entry.canary, entry.canary_weight, entry.shadow = canary, canary_weight if canary else 0.0, shadow
         log.info(
             "model %s: canary %s, shadow %s",
-            name, f"version {canary} at {canary_weight:g}" if canary else "none", f"version {shadow}" if shadow else "none",
+            name,
+            f"version {canary} at {canary_weight:g}" if canary else "none",
+            f"version {shadow}" if shadow else "none",
         )  # fmt: skip
         self._changed(entry)
         return self.status(name)
