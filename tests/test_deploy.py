@@ -33,7 +33,7 @@ CLASSIFIER = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 KSERVE = "inference.GRPCInferenceService"
 HEALTH_NAMES = {"", CLASSIFIER, KSERVE, "bitmoji.v1.ModelRepository"}  # the health service names server/server.py sets
 VARIANTS = {"cpu": DEPLOY, "gpu": DEPLOY / "gpu"}
-SHUTDOWN_MARGIN_S = 5  # after preStop + the drain: the last batch, the process exit
+SHUTDOWN_MARGIN_S = 5  # after the pre-stop window + the drain: the last batch, the process exit
 
 
 # -- a small kustomize: what these manifests use --------------------------------------------
@@ -165,8 +165,10 @@ def memory(quantity) -> float:
 
 
 def prestop_sleep_s(container: dict) -> float:
+    """A preStop sleep's seconds (0 without one)."""
     pre = container.get("lifecycle", {}).get("preStop")
-    assert pre, "no preStop hook: calls routed during endpoint propagation would be refused"
+    if not pre:
+        return 0.0
     if "sleep" in pre:
         return float(pre["sleep"]["seconds"])
     command = pre["exec"]["command"]
@@ -188,7 +190,8 @@ def check_config(objects: list[dict]) -> ServerConfig:
     )
     assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0", "listen on all interfaces inside a pod"
     mounts = {m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])}
-    assert str(Path(config.model).parent) in mounts, f"the model {config.model} is on no mounted volume"
+    served = config.model_repository or str(Path(config.model or "").parent)
+    assert served.rstrip("/") in mounts, f"the models ({served}) are on no mounted volume"
     # A pod sees its node's cores, not its CPU limit: the threads must be sized to the limit, by --cores
     # (BITMOJI_CORES) or by both thread counts, and fit it.
     limit = cpu(container["resources"]["limits"]["cpu"])
@@ -229,10 +232,13 @@ def check_grace(objects: list[dict]) -> None:
     container = server_container(deployment)
     config = server_config(container)
     total = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-    sleep = prestop_sleep_s(container)
-    assert sleep >= 1, "preStop must give the endpoints time to update"
-    assert total >= sleep + config.grace_period_s + SHUTDOWN_MARGIN_S, (
-        f"terminationGracePeriodSeconds {total} < preStop {sleep} + --grace-period-s {config.grace_period_s} + {SHUTDOWN_MARGIN_S}"
+    # Calls still routed to the pod while the endpoints update must be served: a preStop sleep or the
+    # server's own --shutdown-delay-s (health NOT_SERVING, serving on) gives the load balancers that time.
+    window = prestop_sleep_s(container) + config.shutdown_delay_s
+    assert window >= 1, "no pre-stop window: set --shutdown-delay-s (or a preStop sleep) so endpoints can update"
+    assert total >= window + config.grace_period_s + SHUTDOWN_MARGIN_S, (
+        f"terminationGracePeriodSeconds {total} < pre-stop window {window} + --grace-period-s "
+        f"{config.grace_period_s} + {SHUTDOWN_MARGIN_S}"
     )
 
 
@@ -415,14 +421,21 @@ BREAKAGES = {
     "cores of another container": (
         check_config,
         lambda o: [
-            e["valueFrom"]["resourceFieldRef"].update(containerName="fetch-model")
+            e["valueFrom"]["resourceFieldRef"].update(containerName="fetch-models")
             for e in _server(o)["env"]
             if e["name"] == "BITMOJI_CORES"
         ],
     ),
     "grace period too short": (check_grace, lambda o: _pod(o).update(terminationGracePeriodSeconds=15)),
     "drain longer than the pod may take": (check_grace, lambda o: _server(o)["args"].append("--grace-period-s=60")),
-    "no preStop": (check_grace, lambda o: _server(o).pop("lifecycle")),
+    "no pre-stop window": (
+        check_grace,
+        lambda o: _server(o).update(args=[a for a in _server(o)["args"] if not a.startswith("--shutdown-delay-s")]),
+    ),
+    "models on no volume": (
+        check_config,
+        lambda o: _server(o).update(volumeMounts=[m for m in _server(o)["volumeMounts"] if m["name"] != "model"]),
+    ),
     "no memory limit": (check_resources, lambda o: _server(o)["resources"]["limits"].pop("memory")),
     "request above limit": (check_resources, lambda o: _server(o)["resources"]["requests"].update(cpu="8")),
     "Service selects nothing": (
