@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import coldstart, grpc_floor, inprocess, load, probe, run_all, torchserve, train_loop
+from bench import coldstart, faults, grpc_floor, inprocess, load, probe, run_all, torchserve, train_loop
+from bench import tracing as tracing_bench
 from bench.common import percentiles, real_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +285,25 @@ def test_run_all_report_and_plot(tmp_path):
     assert "Skipped: torchserve not found." in run_all.markdown(r, None)
 
 
+def test_tracing_smoke(tmp_path):
+    out = tmp_path / "tracing.json"
+    tracing_bench.main(
+        ["--rounds", "1", "--duration", "0.5", "--warmup", "0.2", "--concurrency", "4", "--json", str(out)]
+    )
+    summary = read(out)["summary"]
+    assert set(summary) == {"off", "100%", "1%"}
+    assert summary["off"]["spans_exported"] == 0 and summary["100%"]["spans_exported"] > 0  # the sink received them
+    assert all(s["errors"] == 0 and s["images_per_s"][0] > 0 for s in summary.values())
+
+
+def test_faults_smoke(tmp_path):
+    out = tmp_path / "faults.json"
+    assert faults.main(["--only", "huge-image,overload", "--calls", "200", "--json", str(out)]) == 0
+    results = read(out)
+    assert results["huge-image"]["as_promised"] and "limit of 16777216" in results["huge-image"]["details"]
+    assert set(results["overload"]["seen"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+
 def test_real_images_are_128_pngs():
     images = real_images(n=4)
     assert len(images) == 4
@@ -293,7 +313,19 @@ def test_real_images_are_128_pngs():
 
 
 @pytest.mark.parametrize(
-    "module", ["inprocess", "load", "grpc_floor", "probe", "coldstart", "run_all", "train_loop", "torchserve"]
+    "module",
+    [
+        "inprocess",
+        "load",
+        "grpc_floor",
+        "probe",
+        "coldstart",
+        "run_all",
+        "train_loop",
+        "torchserve",
+        "tracing",
+        "faults",
+    ],
 )
 def test_every_script_has_help(module):
     r = subprocess.run(
