@@ -178,12 +178,12 @@ class ServedModel:
         }
         (one, full), (opt_one, opt_full) = times["loaded"], times["optimized"]
         summary = (
-            f"batch {batch_size}: {1000 * opt_full:.1f} vs {1000 * full:.1f} ms, "
-            f"batch 1: {1000 * opt_one:.2f} vs {1000 * one:.2f} ms"
+            f"{1000 * opt_full:.1f} ms optimized vs {1000 * full:.1f} ms as loaded at batch {batch_size}, "
+            f"{1000 * opt_one:.2f} vs {1000 * one:.2f} ms at batch 1"
         )
         if opt_full <= AUTO_MIN_GAIN * full and opt_one <= AUTO_MAX_LOSS * one:
             return candidate, f"optimized ({summary}; logits within {difference:.1g})"
-        return self, f"as loaded (optimized copy not faster: {summary})"
+        return self, f"as loaded (the optimized copy does not pay: {summary})"
 
     def label(self, probability: float) -> str:
         return self.positive_label if probability >= 0.5 else self.negative_label
