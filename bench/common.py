@@ -198,14 +198,16 @@ def start_server(
     timeout: float = 120,
     python: str = sys.executable,
     env: dict | None = None,
+    repository: bool = False,
 ) -> Server:
-    """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for ready."""
+    """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for
+    ready. `model` is a model file, or a model repository folder with `repository=True`."""
     metrics_port = free_port() if metrics else 0
     cmd = [
         python,
         "-m",
         "bitmoji.server",
-        "--model",
+        "--model-repository" if repository else "--model",
         str(model),
         "--host",
         "127.0.0.1",

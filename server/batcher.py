@@ -132,6 +132,7 @@ class Batcher:
         max_queue: int,
         metrics: m.VersionMetrics,
         name: tuple[str, str] = ("", ""),
+        slots: threading.Semaphore | None = None,
         threads: int = 1,
         torch_threads: int | None = None,
     ):
@@ -143,6 +144,9 @@ class Batcher:
         self.max_queue = max_queue
         self._metrics = metrics
         self._name = name  # (model, version): for the batch's trace span
+        # Batches running at once across every model version (shared by their batchers): one per core, so two
+        # busy models share the cores instead of oversubscribing them with each one's model threads.
+        self._slots = slots
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._busy = 0  # model threads running a batch
@@ -228,27 +232,44 @@ class Batcher:
                 log.exception("batcher error", extra=_requests(items))
                 self._fail([item.call for item in items], BatchFailed("internal error in the batcher"))
             finally:
+                if self._slots is not None:
+                    self._slots.release()
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()  # a thread waiting for more items stops waiting when nobody is busy
 
     def _next_batch(self) -> list[_Item] | None:
-        """Block until there is a batch to run (counted as busy), or None once closed."""
-        with self._cond:
-            while True:
-                if self._closed:
-                    self._fail_leftovers()
-                    return None
-                if not self._queue:
-                    self._cond.wait()
-                    continue
-                wait = self._time_to_wait()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-                self._busy += 1
-                return batch
+        """Block until there is a batch to run (counted as busy, holding an execution slot), or None once closed.
+
+        The slot is taken after the batch is due and before its items are: while the thread waits for one
+        (another model's batch runs), this batch keeps growing.
+        """
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        self._fail_leftovers()
+                        return None
+                    if not self._queue:
+                        self._cond.wait()
+                        continue
+                    wait = self._time_to_wait()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
+                    break
+                if self._slots is None or self._slots.acquire(blocking=False):
+                    return self._take()
+            self._slots.acquire()  # every core is running a batch (of another model): wait for one to end
+            with self._cond:
+                if self._queue and not self._closed:
+                    return self._take()
+            self._slots.release()  # a sibling thread took the items meanwhile (or we are closing): start over
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch (lock held)."""
+        self._busy += 1
+        return [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
 
     def _time_to_wait(self) -> float:
         """Adaptive wait (lock held): only while the batch is not full, another thread is busy, and time is left."""

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,7 +242,12 @@ class ModelManager:
         self._on_change = on_change
         self._models: dict[str, ModelEntry] = {}
         self._model_file = config.model or ""  # --model (when no --model-repository)
-        self._load_lock = asyncio.Lock()  # one load at a time: memory deltas stay attributable, CPU stays for serving
+        self._load_lock = asyncio.Lock()
+        # every version's batcher takes a slot per running batch: the model threads of all loaded versions
+        # together run at most this many batches at once (one per model thread of the server's default)
+        self._slots = threading.Semaphore(
+            config.resolved_decode_workers
+        )  # one load at a time: memory deltas stay attributable, CPU stays for serving
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.default_model: str | None = None
@@ -408,6 +414,7 @@ class ModelManager:
             threads=batching.model_threads,
             torch_threads=self._torch_threads,
             name=(entry.name, label),
+            slots=self._slots,
         )
         batcher.start()
         slot.loaded = LoadedVersion(entry.name, slot.version, path, batcher, metrics, batching, stamp, memory, forward)

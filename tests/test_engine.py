@@ -251,7 +251,7 @@ def test_poll_loads_new_models_and_unloads_removed_ones(tmp_path):
 
 def test_unloading_a_version_answers_the_calls_it_accepted_first(tmp_path):
     root = repository(tmp_path, {"cnn": {1: 1.0, 2: 2.0}}, {"cnn": {"version_policy": {"all": {}}}})
-    iterations = 20000  # FaultyNet's loop: tens of milliseconds or more
+    iterations = 200000  # FaultyNet's loop: a good part of a second
 
     async def main():
         async with running(root, model_control_mode="explicit", load_model=("*",)) as engine:
@@ -259,8 +259,9 @@ def test_unloading_a_version_answers_the_calls_it_accepted_first(tmp_path):
             await asyncio.sleep(0.05)
             unloading = asyncio.ensure_future(engine.manager.unload("cnn", ["1"]))
             await asyncio.sleep(0.01)
-            assert states(engine, "cnn")[1] is State.UNLOADING
+            assert states(engine, "cnn")[1] is State.UNLOADING and not slow.done()
             status = await unloading
+            assert slow.done(), "unloaded before the call it had accepted was answered"
             assert {v.version: v.state for v in status.versions} == {1: State.UNAVAILABLE, 2: State.READY}
             assert [round(z, 4) for z, _ in (await slow).results] == [0.5] * 4  # answered, not lost
             with pytest.raises(NotFound):
