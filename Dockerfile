@@ -27,7 +27,7 @@ COPY server ./server
 COPY client ./client
 # The versions are pinned in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[serve]"
+RUN pip install ".[serve,tracing]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 COPY --from=build /opt/venv /opt/venv
