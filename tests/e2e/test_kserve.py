@@ -28,7 +28,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2
-from helpers import health_status, image_input, sample, scrape, start_server, synthetic_images, tensor_input, total
+from helpers import health_status, image_input, scrape, start_server, synthetic_images, tensor_input, total
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
