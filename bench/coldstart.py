@@ -125,7 +125,9 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", _STAGED, model], cwd=cwd, check=True, capture_output=True, text=True)
         samples.append([float(x) for x in r.stdout.split()])
-    out.update((name, statistics.median(column)) for name, column in zip(names, zip(*samples)))
+    out.update(
+        (name, statistics.median(column)) for name, column in zip(names, zip(*samples, strict=True), strict=True)
+    )
     r = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import bitmoji.server.server"],
         cwd=cwd,

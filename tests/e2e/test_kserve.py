@@ -203,7 +203,7 @@ def test_typed_contents_equal_raw_contents(channel, client):
     tensor = request.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
     tensor.contents.fp32_contents.extend(x.ravel().tolist())
     response = tpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
-    outputs = zip(response.outputs, response.raw_output_contents)
+    outputs = zip(response.outputs, response.raw_output_contents, strict=True)
     by_name = {o.name: np.frombuffer(raw, "<f4") for o, raw in outputs if o.datatype == "FP32"}
     expected = infer(client, fp32_input(x))
     np.testing.assert_array_equal(by_name["logits"], expected.as_numpy("logits")[:, 0])
