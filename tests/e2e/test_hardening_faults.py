@@ -370,7 +370,9 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             server.proc.send_signal(signal.SIGHUP)
             wait_until(
                 server,
-                lambda s: sample(s, "bitmoji_model_loads_total", model="bitmoji", result="failed") >= failed,
+                lambda s, failed=failed: (
+                    sample(s, "bitmoji_model_loads_total", model="bitmoji", result="failed") >= failed
+                ),
                 timeout=60,
             )
         time.sleep(0.5)  # traffic keeps flowing on the old model

@@ -95,7 +95,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_naming_the_item(hostile
     bombs = {"20000x20000": png_bomb(20_000, 20_000), "6000x6000": png_bomb(6000, 6000)}
     assert all(len(b) < 100_000 for b in bombs.values())  # tiny on the wire, 400 M and 36 M pixels decoded
     before = rss_bytes(hostile.proc.pid)
-    for size, bomb in bombs.items():
+    for _size, bomb in bombs.items():
         started = time.monotonic()
         error = rpc_error(stub.Classify, classify(small_image(), bomb), timeout=30)
         assert error.code() == INVALID and error.details().startswith("inputs[1]: image too large"), error.details()
