@@ -161,15 +161,10 @@ class TorchServe:
         self.grpc_port = free_port()
         ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_management")}
         models = (
-            '{"%s": {"1.0": {"defaultVersion": true, "marName": "%s.mar", "minWorkers": %d, "maxWorkers": %d, '
-            '"batchSize": %d, "maxBatchDelay": %d, "responseTimeout": 120}}}'
-        ) % (
-            MODEL_NAME,
-            MODEL_NAME,
-            SETTINGS["workers"],
-            SETTINGS["workers"],
-            SETTINGS["batch_size"],
-            SETTINGS["max_batch_delay_ms"],
+            f'{{"{MODEL_NAME}": {{"1.0": {{"defaultVersion": true, "marName": "{MODEL_NAME}.mar", '
+            f'"minWorkers": {SETTINGS["workers"]:d}, "maxWorkers": {SETTINGS["workers"]:d}, '
+            f'"batchSize": {SETTINGS["batch_size"]:d}, "maxBatchDelay": {SETTINGS["max_batch_delay_ms"]:d}, '
+            '"responseTimeout": 120}}}'
         )
         (workdir / "config.properties").write_text(
             "\n".join(
