@@ -199,7 +199,9 @@ def start_server(
     python: str = sys.executable,
     env: dict | None = None,
 ) -> Server:
-    """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy) and wait for ready."""
+    """Start `python -m bitmoji.server` on a free loopback port (from `cwd`: the repo, or a patched copy)
+    and wait for ready.
+    """
     metrics_port = free_port() if metrics else 0
     cmd = [
         python,
@@ -259,7 +261,9 @@ def median(values):
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, its threads and its live child processes (`--workers`, TorchServe's workers; Linux /proc)."""
+    """User + system CPU seconds of a process, its threads and its live child processes
+    (`--workers`, TorchServe's workers; Linux /proc).
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
