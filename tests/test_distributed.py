@@ -43,7 +43,9 @@ def tiny(tmp_path_factory):
 
 
 def torchrun_fit(data, out, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`; a hang fails the test (and its processes are killed)."""
+    """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`;
+    a hang fails the test (and its processes are killed).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     cmd += [
         "-m",
@@ -108,7 +110,8 @@ def test_two_processes_match_one_process(runs):
 
 
 def test_early_stopping_stops_every_rank(runs):
-    # both ranks left the loop at the same epoch: torchrun exited 0 (a rank left behind errors or hangs in its next collective)
+    # both ranks left the loop at the same epoch: torchrun exited 0
+    # (a rank left behind errors or hangs in its next collective)
     ddp, stdout, _ = runs
     history = json.loads((ddp / "history.json").read_text())
     assert 2 <= len(history) < 15

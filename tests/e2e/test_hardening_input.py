@@ -128,7 +128,10 @@ def test_the_pixel_limit_is_the_configured_one(stub):
 def _unreadable() -> dict[str, bytes]:
     pdf = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(pdf, format="PDF")  # Pillow writes PDF but cannot read it
-    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
+    svg = (
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+        b'<rect width="8" height="8"/></svg>'
+    )
     gz = zlib.compress(small_image(16))
     with open("/bin/sh", "rb") as f:
         elf = f.read(4096)

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe V2) service, called by NVIDIA's tritonclient: a client this project did not write.
+"""The Open Inference Protocol (KServe V2) service, called by NVIDIA's tritonclient:
+a client this project did not write.
 
 One server (the CNN model, `--model-name bitmoji-cnn`) serves the module.
 Inferences through tritonclient must equal the project's own Classify on the
