@@ -655,7 +655,9 @@ def generate(
     size: int = 128,
     progress: bool = True,
 ) -> pathlib.Path:
-    """Write the data set; n_train/n_valid are per split totals, split evenly between the two classes. Returns out_dir. Deterministic: same seed -> byte-identical files."""
+    """Write the data set; n_train/n_valid are per split totals, split evenly between the two classes.
+    Returns out_dir. Deterministic: same seed -> byte-identical files.
+    """
     if n_train < 2 or n_valid < 2 or n_train % 2 or n_valid % 2:
         raise ValueError(f"n_train and n_valid must be even and >= 2, got {n_train}, {n_valid}")
     if size < 16:
