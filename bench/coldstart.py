@@ -116,7 +116,9 @@ print(*(b - a for a, b in zip(t, t[1:])))
 
 
 def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
-    """A fresh interpreter doing the server's start-up steps in turn, timed (so the parts add up); per-part medians of `runs`."""
+    """A fresh interpreter doing the server's start-up steps in turn, timed (so the parts add up);
+    per-part medians of `runs`.
+    """
     cwd = server_cwd or ROOT
     out = {"interpreter_s": statistics.median(_python_seconds("pass", cwd) for _ in range(runs))}
     # torchvision is not on the path: the server imports it on its first JPEG/WebP/GIF (bitmoji.core.preprocess)
@@ -125,7 +127,9 @@ def breakdown(model: str, server_cwd=None, runs: int = 1) -> dict:
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", _STAGED, model], cwd=cwd, check=True, capture_output=True, text=True)
         samples.append([float(x) for x in r.stdout.split()])
-    out.update((name, statistics.median(column)) for name, column in zip(names, zip(*samples)))
+    out.update(
+        (name, statistics.median(column)) for name, column in zip(names, zip(*samples, strict=True), strict=True)
+    )
     r = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import bitmoji.server.server"],
         cwd=cwd,
@@ -157,7 +161,8 @@ def run(model: str = "mlp", runs: int = 3, server_cwd=None, with_breakdown: bool
             progress(f"coldstart: run {i + 1}/{runs}...")
             times.append(time_to_serving(path, server_cwd=server_cwd, server_args=server_args))
             progress(
-                f"  SERVING after {times[-1]['serving_s']:.2f} s (health answered after {times[-1]['health_answers_s']:.2f} s)"
+                f"  SERVING after {times[-1]['serving_s']:.2f} s "
+                f"(health answered after {times[-1]['health_answers_s']:.2f} s)"
             )
         result = {
             "benchmark": "coldstart",
@@ -197,7 +202,8 @@ def main(argv=None) -> dict:
     result = run(args.model, args.runs, args.server_cwd, not args.no_breakdown, args.server_arg)
     result["machine"] = machine()
     print(
-        f"cold start to SERVING: median {result['serving_s_median']:.2f} s over {args.runs} runs (target <= 5 s); loadavg {loadavg()}"
+        f"cold start to SERVING: median {result['serving_s_median']:.2f} s over {args.runs} runs (target <= 5 s); "
+        f"loadavg {loadavg()}"
     )
     for k, v in result.get("breakdown", {}).items():
         if isinstance(v, float):

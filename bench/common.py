@@ -82,7 +82,7 @@ def real_images(
         by_class: dict[str, list[Path]] = {}
         for f in files:
             by_class.setdefault(f.parent.name, []).append(f)
-        order = [f for group in zip(*by_class.values()) for f in group]
+        order = [f for group in zip(*by_class.values(), strict=False) for f in group]
         for f in order:
             if size is not None:
                 with Image.open(f) as img:
@@ -261,7 +261,9 @@ def median(values):
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, its threads and its live child processes (`--workers`, TorchServe's workers; Linux /proc)."""
+    """User + system CPU seconds of a process, its threads and its live child processes
+    (`--workers`, TorchServe's workers; Linux /proc).
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):

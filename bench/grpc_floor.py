@@ -62,8 +62,8 @@ def run(levels=LEVELS, *, duration: float = 5.0, warmup: float = 1.0, data=None)
                 target, requests, c, duration=duration, warmup=warmup, procs=load.auto_procs(c), server_pids=[proc.pid]
             )
             progress(
-                f"  {row['images_per_s']:.0f} calls/s, p50 {row['p50']:.2f} ms, server {row['server_cpu_cores']:.2f} cores "
-                f"({row['server_cpu_ms_per_image']:.3f} CPU ms/call)"
+                f"  {row['images_per_s']:.0f} calls/s, p50 {row['p50']:.2f} ms, "
+                f"server {row['server_cpu_cores']:.2f} cores ({row['server_cpu_ms_per_image']:.3f} CPU ms/call)"
             )
             rows.append(row)
     finally:
@@ -93,8 +93,8 @@ def main(argv=None) -> dict | None:
     print(f"{'conc':>5} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>7} {'srv cpu ms/call':>15}")
     for r in result["rows"]:
         print(
-            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_cores']:>7.2f} "
-            f"{r['server_cpu_ms_per_image']:>15.3f}"
+            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+            f"{r['server_cpu_cores']:>7.2f} {r['server_cpu_ms_per_image']:>15.3f}"
         )
     progress(f"grpc_floor: done in {time.perf_counter() - started:.0f} s")
     write_json(args.json, result)

@@ -50,7 +50,9 @@ def _load(model_path: str):
 
 
 def _run_for(duration: float, step) -> tuple[int, float, float]:
-    """Call step() (returns images done) until `duration` s passed; -> (images, seconds, CPU seconds of this process)."""
+    """Call step() (returns images done) until `duration` s passed;
+    -> (images, seconds, CPU seconds of this process).
+    """
     n = 0
     cpu = time.process_time()
     start = time.perf_counter()
@@ -248,7 +250,8 @@ def run(
     finally:
         workers.close()
     ceiling = rows[f"decode_forward_{n}proc"]["images_per_s"]
-    # CPU time per image is what a busy shared machine distorts least: n idle cores would do n / cpu_time images a second
+    # CPU time per image is what a busy shared machine distorts least:
+    # n idle cores would do n / cpu_time images a second
     cpu_ms = rows[f"decode_forward_{n}proc"]["cpu_ms_per_image"]
     return {
         "benchmark": "inprocess",

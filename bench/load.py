@@ -317,9 +317,11 @@ def run(
             row.update(stage_means(before, scrape(server)))
             rows.append(row)
             progress(
-                f"  {row['images_per_s']:.0f} img/s, p50 {_ms(row['p50'])}, p99 {_ms(row['p99'])}, errors {row['error_count']}, "
+                f"  {row['images_per_s']:.0f} img/s, p50 {_ms(row['p50'])}, p99 {_ms(row['p99'])}, "
+                f"errors {row['error_count']}, "
                 f"batch {_f(row['mean_batch_size'])}, generator {row['generator_cpu_cores']:.2f} cores, "
-                f"server {_f(row['server_cpu_cores'])} cores ({_f(row['server_cpu_ms_per_image'], '.3f')} CPU ms/img), loadavg {row['loadavg']}"
+                f"server {_f(row['server_cpu_cores'])} cores ({_f(row['server_cpu_ms_per_image'], '.3f')} CPU ms/img), "
+                f"loadavg {row['loadavg']}"
             )
         return {
             "benchmark": "load",
@@ -409,13 +411,15 @@ def main(argv=None) -> dict:
     )
     result["machine"] = machine()
     print(
-        f"{'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'gen cpu':>7} {'srv cpu':>7} {'srv cpu ms/img':>14}"
+        f"{'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} "
+        f"{'batch':>6} {'gen cpu':>7} {'srv cpu':>7} {'srv cpu ms/img':>14}"
     )
     for r in result["rows"]:
         print(
-            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50'] or 0:>8.2f} {r['p90'] or 0:>8.2f} {r['p99'] or 0:>8.2f} "
-            f"{r['error_count']:>6} {_f(r['mean_batch_size']):>6} {r['generator_cpu_cores']:>7.2f} {_f(r['server_cpu_cores']):>7} "
-            f"{_f(r['server_cpu_ms_per_image'], '.3f'):>14}"
+            f"{r['concurrency']:>5} {r['images_per_s']:>8.0f} {r['p50'] or 0:>8.2f} "
+            f"{r['p90'] or 0:>8.2f} {r['p99'] or 0:>8.2f} "
+            f"{r['error_count']:>6} {_f(r['mean_batch_size']):>6} {r['generator_cpu_cores']:>7.2f} "
+            f"{_f(r['server_cpu_cores']):>7} {_f(r['server_cpu_ms_per_image'], '.3f'):>14}"
         )
     print(f"loadavg {loadavg()} on {cpu_count()} cores")
     write_json(args.json, result)

@@ -72,7 +72,7 @@ def run(*, rounds: int = 2, concurrency: int = 32, duration: float = 5.0, warmup
                 progress(f"models: round {r + 1}/{rounds}, both at once, {concurrency // 2} callers each...")
                 rows: dict[str, dict] = {}
 
-                def load(model: str) -> None:
+                def load(model: str, rows: dict = rows) -> None:
                     rows[model] = run_level(server.target, requests[model], concurrency // 2, duration=duration,
                                             warmup=warmup, procs=1)  # fmt: skip
 
@@ -119,12 +119,13 @@ def main(argv=None) -> dict:
         rounds=args.rounds, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, data=args.data
     )
     for model in MODELS:
-        print(f"{model}: alone {result['alone_images_per_s'][model]}, together {result['together_images_per_s'][model]} "
-              f"img/s; together/alone {result['together_over_alone'][model]}")  # fmt: skip
-    print(f"sum of the median ratios: {result['sum_of_median_ratios']} (1 = the cores stay as busy as with one model)")
-    print(
-        f"memory per loaded version (MiB): {result['memory_mib_per_version']}; server RSS {result['server_rss_mib']} MiB"
-    )
+        alone, together = result["alone_images_per_s"][model], result["together_images_per_s"][model]
+        print(
+            f"{model}: alone {alone}, together {together} img/s; together/alone {result['together_over_alone'][model]}"
+        )
+    print(f"sum of the median ratios: {result['sum_of_median_ratios']} (1: the cores stay as busy as with one model)")
+    memory = result["memory_mib_per_version"]
+    print(f"memory per loaded version (MiB): {memory}; server RSS {result['server_rss_mib']} MiB")
     write_json(args.json, result)
     return result
 

@@ -8,7 +8,8 @@ Steps, in order (each also writes bench/results/<step>.json):
   load_mlp    the server on the lecture's MLP at concurrency 1, 8, 32, 64 (separate generator processes)
   load_cnn    the same on the project's CNN
   load_mlp_workers  load_mlp with `--workers N`, N = cores (one server process per core, one port)
-  torchserve  TorchServe 0.12 (2 workers, batching 32 / 5 ms) and this server (1 and 2 processes), taking turns level by level
+  torchserve  TorchServe 0.12 (2 workers, batching 32 / 5 ms) and this server (1 and 2 processes), \
+taking turns level by level
               (skipped, and said so, unless torchserve is installed: see bench/torchserve.py)
   grpc_floor  the same load on a no-op Classifier: what gRPC alone costs one process
   probe       GradientProbe vs Classify latency, one image
@@ -243,7 +244,8 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
                 t, o, x = row["torchserve"]["images_per_s"], row[key]["images_per_s"], row[ratio]
                 rows.append(
                     (
-                        f"... vs TorchServe {ts.get('torchserve_version', '')}, same run, concurrency {row['concurrency']}{label}",
+                        f"... vs TorchServe {ts.get('torchserve_version', '')}, same run, "
+                        f"concurrency {row['concurrency']}{label}",
                         f"{x:.2f}x ({o:.0f} vs {t:.0f} img/s)",
                         "> 1x (faster); >= 1.5x (the 3000 img/s target's premise)",
                         f"{_verdict(x > 1)}; {_verdict(x >= 1.5)}",
@@ -253,7 +255,8 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     for c in (32, 64):
         row = by_c.get(c)
         if row and ceiling_cpu and row.get("server_cpu_ms_per_image"):
-            # the load-independent view: CPU per image in the server vs in the in-process loop (and the generator's share)
+            # the load-independent view: CPU per image in the server vs in the in-process loop
+            # (and the generator's share)
             per_image = row["server_cpu_ms_per_image"]
             rows.append(
                 (
@@ -287,7 +290,8 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
         sp = r["train_loop"]["speedup"]
         rows.append(
             (
-                f"training loop speed-up vs the lecture's ({r['train_loop'].get('epochs', '?')} epochs, one-off decode included)",
+                f"training loop speed-up vs the lecture's ({r['train_loop'].get('epochs', '?')} epochs, "
+                "one-off decode included)",
                 f"{sp:.2f}x",
                 ">= 2x",
                 _verdict(sp >= 2),
@@ -367,14 +371,16 @@ def markdown(r: dict, plot: str | None) -> str:
         ]
         for name, row in ip["rows"].items():
             L.append(
-                f"| {name} | {row['images_per_s']:.0f} | {1000 / row['images_per_s']:.3f} | {_fmt(row.get('cpu_ms_per_image'), '.3f')} "
+                f"| {name} | {row['images_per_s']:.0f} | {1000 / row['images_per_s']:.3f} "
+                f"| {_fmt(row.get('cpu_ms_per_image'), '.3f')} "
                 f"| {row.get('loadavg')} |"
             )
         L.append("")
         L.append(
             f"The ceiling the server is held to (0.8x): **{ip['ceiling_images_per_s']:.0f} img/s** "
             f"(decode + forward in {ip['cores']} one-thread processes) at this load; from its CPU time per image, "
-            f"{ip['cores']} idle cores would do about {_fmt(ip.get('ceiling_idle_estimate_images_per_s'), '.0f')} img/s."
+            f"{ip['cores']} idle cores "
+            f"would do about {_fmt(ip.get('ceiling_idle_estimate_images_per_s'), '.0f')} img/s."
         )
     for step, name in LOAD_STEPS.items():
         title = "Server under load: " + name.format(cores=m["cores"])
@@ -388,16 +394,19 @@ def markdown(r: dict, plot: str | None) -> str:
             f"`{r['commands'][step]}` (the generator runs in its own process(es); "
             f"server ready after {_fmt(lr.get('server_ready_s'))} s).",
             "",
-            "| concurrency | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | decode ms | queue wait ms | forward ms/batch "
+            "| concurrency | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch "
+            "| decode ms | queue wait ms | forward ms/batch "
             "| parse + serialise ms | server CPU (cores) | server CPU ms/img | generator CPU (cores) | load average |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in lr["rows"]:
             L.append(
-                f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p90'])} | {_fmt(row['p99'])} "
+                f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} "
+                f"| {_fmt(row['p90'])} | {_fmt(row['p99'])} "
                 f"| {row['error_count']} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('decode_ms'), '.3f')} "
                 f"| {_fmt(row.get('queue_wait_ms'), '.3f')} | {_fmt(row.get('forward_ms_per_batch'), '.3f')} "
-                f"| {_codec_ms(row)} | {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
+                f"| {_codec_ms(row)} | {_fmt(row.get('server_cpu_cores'))} "
+                f"| {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
                 f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |"
             )
     ts = r.get("torchserve")
@@ -411,12 +420,16 @@ def markdown(r: dict, plot: str | None) -> str:
             "",
             f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
             f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
-            f"(its handler calls `bitmoji.core.preprocess.load_image`; answers agreed to {ts['max_probability_difference']:.1g}); "
-            f'this server runs as one process ("ours") and with `--workers {st["workers"]}` (as many processes as TorchServe\'s '
+            "(its handler calls `bitmoji.core.preprocess.load_image`; "
+            f"answers agreed to {ts['max_probability_difference']:.1g}); "
+            'this server runs as one process ("ours") '
+            f"and with `--workers {st['workers']}` (as many processes as TorchServe's "
             "workers); the servers take turns at each level, under the same generator.",
             "",
-            "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) | ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
-            f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) | --workers {st['workers']} / TorchServe |",
+            "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) "
+            "| ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
+            f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) "
+            f"| --workers {st['workers']} / TorchServe |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in ts["rows"]:
@@ -431,7 +444,8 @@ def markdown(r: dict, plot: str | None) -> str:
                     cells.append("| | | | | ")
                     continue
                 cells.append(
-                    f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} | {_fmt(x.get('server_cpu_cores'))} "
+                    f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} "
+                    f"| {_fmt(x.get('server_cpu_cores'))} "
                 )
                 if ratio:
                     cells.append(f"| {row[ratio]:.2f}x ")
@@ -444,7 +458,8 @@ def markdown(r: dict, plot: str | None) -> str:
             "## The gRPC floor: a Classifier that does nothing",
             "",
             f"`{r['commands']['grpc_floor']}`: the same generator and "
-            "requests against a grpc.aio servicer that answers without decoding or running a model: the most one server "
+            "requests against a grpc.aio servicer that answers without decoding "
+            "or running a model: the most one server "
             "process can do, and the CPU per call that no model or decoder change removes.",
             "",
             "| concurrency | calls/s | p50 ms | p99 ms | server CPU (cores) | server CPU ms/call | load average |",
@@ -453,7 +468,8 @@ def markdown(r: dict, plot: str | None) -> str:
         for row in gf["rows"]:
             L.append(
                 f"| {row['concurrency']} | {row['images_per_s']:.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} "
-                f"| {_fmt(row.get('server_cpu_cores'))} | {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} | {row['loadavg']} |"
+                f"| {_fmt(row.get('server_cpu_cores'))} "
+                f"| {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} | {row['loadavg']} |"
             )
     pr = r.get("probe")
     if pr:
@@ -465,8 +481,10 @@ def markdown(r: dict, plot: str | None) -> str:
             "",
             "| method | p50 ms | p90 ms | p99 ms |",
             "| --- | --- | --- | --- |",
-            f"| Classify | {_fmt(pr['classify_ms']['p50'])} | {_fmt(pr['classify_ms']['p90'])} | {_fmt(pr['classify_ms']['p99'])} |",
-            f"| GradientProbe | {_fmt(pr['probe_ms']['p50'])} | {_fmt(pr['probe_ms']['p90'])} | {_fmt(pr['probe_ms']['p99'])} |",
+            f"| Classify | {_fmt(pr['classify_ms']['p50'])} "
+            f"| {_fmt(pr['classify_ms']['p90'])} | {_fmt(pr['classify_ms']['p99'])} |",
+            f"| GradientProbe | {_fmt(pr['probe_ms']['p50'])} "
+            f"| {_fmt(pr['probe_ms']['p90'])} | {_fmt(pr['probe_ms']['p99'])} |",
             "",
             f"p50 ratio {pr['p50_ratio']:.2f} over {pr['calls']} calls each; load average {pr['loadavg']}.",
         ]
@@ -477,7 +495,8 @@ def markdown(r: dict, plot: str | None) -> str:
             "## Cold start (MLP)",
             "",
             f"`{r['commands']['coldstart']}`: process start to health SERVING, "
-            f"median **{cs['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in cs['runs']]}; load average {cs['loadavg']}.",
+            f"median **{cs['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in cs['runs']]}; "
+            f"load average {cs['loadavg']}.",
         ]
         w = cs.get("workers")
         if w:
@@ -492,7 +511,8 @@ def markdown(r: dict, plot: str | None) -> str:
         if b:
             L += [
                 "",
-                "| part (one fresh interpreter doing the start-up steps in turn; rest = SERVING minus the parts) | seconds |",
+                "| part (one fresh interpreter doing the start-up steps in turn; "
+                "rest = SERVING minus the parts) | seconds |",
                 "| --- | --- |",
             ]
             for k, v in b.items():
@@ -521,7 +541,8 @@ def markdown(r: dict, plot: str | None) -> str:
             )
         L += [
             "",
-            f"Speed-up {tl['speedup']:.2f}x with the one-off decode, {_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
+            f"Speed-up {tl['speedup']:.2f}x with the one-off decode, "
+            f"{_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
             f"load average {tl.get('loadavg')}.",
         ]
     if plot:
@@ -531,7 +552,9 @@ def markdown(r: dict, plot: str | None) -> str:
 
 
 def _codec_ms(row: dict) -> str:
-    """Mean protobuf parse of a request plus serialisation of a response, per call ("-" in results from before the metric)."""
+    """Mean protobuf parse of a request plus serialisation of a response, per call
+    ("-" in results from before the metric).
+    """
     parse, serialize = row.get("parse_ms"), row.get("serialize_ms")
     return "-" if parse is None or serialize is None else f"{parse + serialize:.3f}"
 

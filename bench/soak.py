@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(
-        f"soak: {result['calls']} calls, {result['error_count']} errors {result['errors'] or ''}; server RSS after warm-up {growth}; "
+        f"soak: {result['calls']} calls, {result['error_count']} errors {result['errors'] or ''}; "
+        f"server RSS after warm-up {growth}; "
         f"server exit {exit_code if exit_code is not None else 'n/a'}; {'PASS' if ok else 'FAIL'}",
         flush=True,
     )

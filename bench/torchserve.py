@@ -80,7 +80,10 @@ def missing() -> str | None:
     """Why TorchServe cannot run here (None when it can)."""
     for name in ("torchserve", "torch-model-archiver", "java"):
         if tool(name) is None:
-            return f"{name} not found (pip install torchserve==0.12.0 torch-model-archiver==0.12.0; TorchServe needs Java 17)"
+            return (
+                f"{name} not found (pip install torchserve==0.12.0 torch-model-archiver==0.12.0; "
+                "TorchServe needs Java 17)"
+            )
     return None
 
 
@@ -161,15 +164,10 @@ class TorchServe:
         self.grpc_port = free_port()
         ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_management")}
         models = (
-            '{"%s": {"1.0": {"defaultVersion": true, "marName": "%s.mar", "minWorkers": %d, "maxWorkers": %d, '
-            '"batchSize": %d, "maxBatchDelay": %d, "responseTimeout": 120}}}'
-        ) % (
-            MODEL_NAME,
-            MODEL_NAME,
-            SETTINGS["workers"],
-            SETTINGS["workers"],
-            SETTINGS["batch_size"],
-            SETTINGS["max_batch_delay_ms"],
+            f'{{"{MODEL_NAME}": {{"1.0": {{"defaultVersion": true, "marName": "{MODEL_NAME}.mar", '
+            f'"minWorkers": {SETTINGS["workers"]:d}, "maxWorkers": {SETTINGS["workers"]:d}, '
+            f'"batchSize": {SETTINGS["batch_size"]:d}, "maxBatchDelay": {SETTINGS["max_batch_delay_ms"]:d}, '
+            '"responseTimeout": 120}}}'
         )
         (workdir / "config.properties").write_text(
             "\n".join(
@@ -345,8 +343,8 @@ def run(
                     r.update(stage_means(before, scrape(server)) if server else {})
                     row[name] = r
                     progress(
-                        f"  {r['images_per_s']:.0f} img/s, p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['error_count']}, "
-                        f"server {r['server_cpu_cores']:.2f} cores"
+                        f"  {r['images_per_s']:.0f} img/s, p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, "
+                        f"errors {r['error_count']}, server {r['server_cpu_cores']:.2f} cores"
                     )
                 theirs = max(row["torchserve"]["images_per_s"], 1e-9)
                 row["throughput_ratio"] = row["ours"]["images_per_s"] / theirs
@@ -413,7 +411,8 @@ def main(argv=None) -> dict:
     if "rows" in result:
         n = SETTINGS["workers"]
         print(
-            f"{'conc':>5} {'TorchServe img/s':>17} {'p50 ms':>7} {'p99 ms':>7} {'ours img/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} "
+            f"{'conc':>5} {'TorchServe img/s':>17} {'p50 ms':>7} {'p99 ms':>7} {'ours img/s':>11} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} "
             f"{f'--workers {n} img/s':>19} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6}"
         )
         for r in result["rows"]:

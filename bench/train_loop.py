@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
     # the one-off decode is paid once per run: over more epochs the speed-up tends to this
     per_epoch = rows[0]["seconds"] / (rows[1]["seconds"] - rows[1]["decode_seconds"])
     print(
-        f"speed-up of the project's loop: {speedup:.2f}x with its one-off decode, {per_epoch:.2f}x per epoch once decoded "
+        f"speed-up of the project's loop: {speedup:.2f}x with its one-off decode, "
+        f"{per_epoch:.2f}x per epoch once decoded "
         f"(valid accuracy {rows[0]['valid_accuracy']:.3f} vs {rows[1]['valid_accuracy']:.3f})"
     )
     result = {

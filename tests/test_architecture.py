@@ -36,8 +36,13 @@ def modules_of(layer: str) -> list[str]:
 
 
 def loaded_after_importing(modules: list[str]) -> set[str]:
-    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('\\n'.join(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT / "tests")
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT / "tests"
+    )
     assert result.returncode == 0, result.stderr
     return set(result.stdout.split())
 

@@ -9,7 +9,8 @@ import re
 
 import grpc
 import pytest
-from helpers import FakeRepository, serve_fakes as serve
+from helpers import FakeRepository
+from helpers import serve_fakes as serve
 
 from bitmoji.client import (
     AsyncBitmojiClient,

@@ -10,7 +10,8 @@ import time
 
 import grpc
 import pytest
-from helpers import FakeClassifier, serve_fakes as serve
+from helpers import FakeClassifier
+from helpers import serve_fakes as serve
 
 from bitmoji.client import AsyncBitmojiClient, BitmojiClient, BitmojiError
 

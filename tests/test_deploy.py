@@ -1,4 +1,5 @@
-"""The Kubernetes manifests (deploy/kubernetes/) agree with the server: no cluster runs here, so they are parsed and checked.
+"""The Kubernetes manifests (deploy/kubernetes/) agree with the server:
+no cluster runs here, so they are parsed and checked.
 
 Each variant (the base, CPU; the `gpu/` overlay) is built the way kustomize
 would for what these files use (resources, strategic-merge patches, image
@@ -196,11 +197,13 @@ def check_config(objects: list[dict]) -> ServerConfig:
     # (BITMOJI_CORES) or by both thread counts, and fit it.
     limit = cpu(container["resources"]["limits"]["cpu"])
     assert config.cores is not None or None not in (config.torch_threads, config.decode_workers), (
-        "set BITMOJI_CORES (the CPU limit) or both --torch-threads and --decode-workers: the default is the node's cores"
+        "set BITMOJI_CORES (the CPU limit) or both --torch-threads and --decode-workers: "
+        "the default is the node's cores"
     )
     if config.cores is not None:
         assert config.cores <= math.ceil(limit), f"--cores {config.cores} vs a limit of {limit} cores"
-    # resolved as the server resolves them (here both thread counts, or --cores, are set: nothing falls back to this machine)
+    # resolved as the server resolves them
+    # (here both thread counts, or --cores, are set: nothing falls back to this machine)
     device = torch.device("cpu" if config.device == "auto" else config.device)  # auto: CPU's default is the larger
     threads = config.torch_threads or default_torch_threads(device, cores=config.resolved_cores)
     assert threads <= math.ceil(limit), f"{threads} torch threads vs {limit} cores"

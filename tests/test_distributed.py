@@ -43,7 +43,9 @@ def tiny(tmp_path_factory):
 
 
 def torchrun_fit(data, out, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`; a hang fails the test (and its processes are killed)."""
+    """`torchrun --nproc-per-node 2 --standalone -m trainer fit ...`;
+    a hang fails the test (and its processes are killed).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     cmd += [
         "-m",
@@ -94,7 +96,7 @@ def test_two_processes_match_one_process(runs):
     ddp, _, one = runs
     history = json.loads((ddp / "history.json").read_text())
     assert [row["epoch"] for row in history] == [row["epoch"] for row in one.history]
-    for a, b in zip(history, one.history):
+    for a, b in zip(history, one.history, strict=True):
         for key in ("train_loss", "valid_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["epoch"], key)
         for key in ("train_accuracy", "valid_accuracy"):
@@ -108,7 +110,8 @@ def test_two_processes_match_one_process(runs):
 
 
 def test_early_stopping_stops_every_rank(runs):
-    # both ranks left the loop at the same epoch: torchrun exited 0 (a rank left behind errors or hangs in its next collective)
+    # both ranks left the loop at the same epoch: torchrun exited 0
+    # (a rank left behind errors or hangs in its next collective)
     ddp, stdout, _ = runs
     history = json.loads((ddp / "history.json").read_text())
     assert 2 <= len(history) < 15
@@ -132,6 +135,6 @@ def test_validation_shards_count_every_sample_once(tiny, monkeypatch):
     for rank in range(3):
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         evaluate(model, valid, torch.device("cpu"))
-    loss_sum, correct, count = (sum(column) for column in zip(*sums))
+    loss_sum, correct, count = (sum(column) for column in zip(*sums, strict=True))
     assert count == len(valid) == 16
     assert loss_sum / count == pytest.approx(whole[0], abs=1e-6) and correct / count == whole[1]

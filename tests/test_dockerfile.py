@@ -66,7 +66,9 @@ def _copied_sources() -> list[str]:
 
 
 def test_the_image_installs_no_trainer_code(tmp_path):
-    """Build the wheel from exactly what the Dockerfile copies: bitmoji.server and bitmoji.core are in it, the trainer is not."""
+    """Build the wheel from exactly what the Dockerfile copies:
+    bitmoji.server and bitmoji.core are in it, the trainer is not.
+    """
     import zipfile
 
     root = DOCKERFILE.parent

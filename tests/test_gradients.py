@@ -44,7 +44,7 @@ def test_probe_leaves_no_grad_behind_and_matches_backward():
     # the same gradients by the ordinary route
     loss = torch.nn.functional.mse_loss(net(x).reshape(-1), y)
     loss.backward()
-    for probe, (_, p) in zip(result.parameters, net.named_parameters()):
+    for probe, (_, p) in zip(result.parameters, net.named_parameters(), strict=True):
         torch.testing.assert_close(probe.gradient, p.grad)
     assert probe.norm == pytest.approx(float(p.grad.norm()))
 

@@ -330,7 +330,7 @@ def _shade(colour: RGB, factor: float) -> RGB:
 
 
 def _shift(colour: RGB, delta: tuple[int, int, int]) -> RGB:
-    return tuple(max(0, min(255, c + d)) for c, d in zip(colour, delta))  # type: ignore[return-value]
+    return tuple(max(0, min(255, c + d)) for c, d in zip(colour, delta, strict=True))  # type: ignore[return-value]
 
 
 _GRID = np.mgrid[0:CANVAS, 0:CANVAS].astype(np.float32) / (CANVAS - 1)  # (ys, xs) in [0, 1]
@@ -577,7 +577,7 @@ def _draw_caption(image: Image.Image, scene: Scene) -> None:
     )
     x = (CANVAS - mask.width) // 2
     y = 4 if scene.caption_top else CANVAS - mask.height - 4
-    luminance = sum(w * c for w, c in zip((0.299, 0.587, 0.114), scene.caption_colour))
+    luminance = sum(w * c for w, c in zip((0.299, 0.587, 0.114), scene.caption_colour, strict=True))
     outline = (20, 20, 30) if luminance > 128 else (250, 250, 250)
     image.paste(outline, (x, y), outline_mask)
     image.paste(scene.caption_colour, (x, y), mask)
@@ -655,7 +655,9 @@ def generate(
     size: int = 128,
     progress: bool = True,
 ) -> pathlib.Path:
-    """Write the data set; n_train/n_valid are per split totals, split evenly between the two classes. Returns out_dir. Deterministic: same seed -> byte-identical files."""
+    """Write the data set; n_train/n_valid are per split totals, split evenly between the two classes.
+    Returns out_dir. Deterministic: same seed -> byte-identical files.
+    """
     if n_train < 2 or n_valid < 2 or n_train % 2 or n_valid % 2:
         raise ValueError(f"n_train and n_valid must be even and >= 2, got {n_train}, {n_valid}")
     if size < 16:

@@ -73,7 +73,9 @@ def slow_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow(slow_model):
-    """Batches of up to 4 items, a queue of 8, one item per call: 64 callers overflow it. Stopped by the module's last test."""
+    """Batches of up to 4 items, a queue of 8, one item per call: 64 callers overflow it.
+    Stopped by the module's last test.
+    """
     path, _ = slow_model
     server = start_server(
         path,
@@ -144,7 +146,8 @@ def test_more_callers_than_the_queue_holds_get_ok_or_resource_exhausted_and_memo
     took = time.monotonic() - started
     after = rss_bytes(slow.proc.pid)
     print(
-        f"\nload: 64 callers, 4 s: {dict(outcomes)} in {took:.1f} s; server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+        f"\nload: 64 callers, 4 s: {dict(outcomes)} in {took:.1f} s; "
+        f"server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
     )
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes["OK"] > 100 and outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes  # really overloaded, still serving
@@ -370,7 +373,9 @@ def test_hot_reload_swaps_models_under_traffic_without_a_failed_call_and_refuses
             server.proc.send_signal(signal.SIGHUP)
             wait_until(
                 server,
-                lambda s: sample(s, "bitmoji_model_loads_total", model="bitmoji", result="failed") >= failed,
+                lambda s, failed=failed: (
+                    sample(s, "bitmoji_model_loads_total", model="bitmoji", result="failed") >= failed
+                ),
                 timeout=60,
             )
         time.sleep(0.5)  # traffic keeps flowing on the old model

@@ -95,7 +95,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_naming_the_item(hostile
     bombs = {"20000x20000": png_bomb(20_000, 20_000), "6000x6000": png_bomb(6000, 6000)}
     assert all(len(b) < 100_000 for b in bombs.values())  # tiny on the wire, 400 M and 36 M pixels decoded
     before = rss_bytes(hostile.proc.pid)
-    for size, bomb in bombs.items():
+    for _size, bomb in bombs.items():
         started = time.monotonic()
         error = rpc_error(stub.Classify, classify(small_image(), bomb), timeout=30)
         assert error.code() == INVALID and error.details().startswith("inputs[1]: image too large"), error.details()
@@ -128,7 +128,10 @@ def test_the_pixel_limit_is_the_configured_one(stub):
 def _unreadable() -> dict[str, bytes]:
     pdf = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(pdf, format="PDF")  # Pillow writes PDF but cannot read it
-    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
+    svg = (
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+        b'<rect width="8" height="8"/></svg>'
+    )
     gz = zlib.compress(small_image(16))
     with open("/bin/sh", "rb") as f:
         elf = f.read(4096)

@@ -86,7 +86,9 @@ def _sign(directory: Path, name: str, ca: str, extensions: str) -> Path:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """A CA; a server certificate for 127.0.0.1 and a client certificate it signed; a second CA and a rogue client of it."""
+    """A CA; a server certificate for 127.0.0.1 and a client certificate it signed;
+    a second CA and a rogue client of it.
+    """
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "rogue-ca"):
         _openssl(

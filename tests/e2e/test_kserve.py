@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe V2) service, called by NVIDIA's tritonclient: a client this project did not write.
+"""The Open Inference Protocol (KServe V2) service, called by NVIDIA's tritonclient:
+a client this project did not write.
 
 One server (the CNN model, `--model-name bitmoji-cnn`) serves the module.
 Inferences through tritonclient must equal the project's own Classify on the
@@ -28,7 +29,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2
-from helpers import health_status, image_input, sample, scrape, start_server, synthetic_images, tensor_input, total
+from helpers import health_status, image_input, scrape, start_server, synthetic_images, tensor_input, total
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
@@ -203,7 +204,7 @@ def test_typed_contents_equal_raw_contents(channel, client):
     tensor = request.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
     tensor.contents.fp32_contents.extend(x.ravel().tolist())
     response = tpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
-    outputs = zip(response.outputs, response.raw_output_contents)
+    outputs = zip(response.outputs, response.raw_output_contents, strict=True)
     by_name = {o.name: np.frombuffer(raw, "<f4") for o, raw in outputs if o.datatype == "FP32"}
     expected = infer(client, fp32_input(x))
     np.testing.assert_array_equal(by_name["logits"], expected.as_numpy("logits")[:, 0])

@@ -1,4 +1,5 @@
-"""The gRPC server, end to end: a real `python -m bitmoji.server` subprocess on the CNN model, real gRPC, generated stubs.
+"""The gRPC server, end to end: a real `python -m bitmoji.server` subprocess on the CNN model, real gRPC,
+generated stubs.
 
 One server process serves the whole module (starting one costs seconds);
 tests that count metrics compare scrapes taken before and after their calls.
@@ -47,7 +48,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def cnn(cnn_model_file):
-    # --optimize on: every test here runs Classify on the frozen, optimized copy and GradientProbe on the module as loaded
+    # --optimize on: every test here runs Classify on the frozen, optimized copy, and GradientProbe on the module
+    # as loaded
     server = start_server(
         cnn_model_file,
         "--max-batch-delay-ms",
@@ -88,7 +90,7 @@ def _assert_predictions(response, logits: list[float], loaded):
     assert len(response.predictions) == len(logits)
     positive = loaded.positive_class
     negative = next(n for n in loaded.class_names if n != positive)
-    for got, want in zip(response.predictions, logits):
+    for got, want in zip(response.predictions, logits, strict=True):
         assert got.logit == pytest.approx(want, abs=1e-4, rel=1e-4)
         assert got.probability == pytest.approx(1 / (1 + np.exp(-want)), abs=1e-5)
         if abs(want) > 1e-3:
@@ -169,7 +171,7 @@ def test_stream_classify_answers_each_message_in_order(stub, cnn_loaded):
     requests = [pb.ClassifyRequest(inputs=[image_input(b) for b in group]) for group in groups]
     responses = list(stub.StreamClassify(iter(requests), timeout=30))
     assert len(responses) == len(groups)
-    for response, group in zip(responses, groups):
+    for response, group in zip(responses, groups, strict=True):
         _assert_predictions(response, _expected_predictions(cnn_loaded, group), cnn_loaded)
 
 
@@ -336,7 +338,7 @@ def test_gradient_probe_on_the_cnn_equals_in_process_autograd(stub, cnn_loaded):
     assert response.loss == pytest.approx(want.loss, rel=1e-5)
     torch.testing.assert_close(from_proto(response.outputs), want.outputs, atol=1e-5, rtol=1e-5)
     assert [p.name for p in response.parameters] == [p.name for p in want.parameters]
-    for got, expected in zip(response.parameters, want.parameters):
+    for got, expected in zip(response.parameters, want.parameters, strict=True):
         assert list(got.shape) == list(expected.gradient.shape)
         torch.testing.assert_close(from_proto(got.values), expected.gradient, atol=1e-6, rtol=1e-4)
         assert got.norm == pytest.approx(expected.norm, rel=1e-4, abs=1e-9)

@@ -69,7 +69,10 @@ def test_each_worker_sizes_its_threads_to_its_share_of_the_cores(monkeypatch):
 
 def test_the_supervisor_never_imports_torch():
     # It starts its workers at once, instead of after its own ~2 s torch import, and stays ~22 MB instead of ~520.
-    code = "import sys, bitmoji.server.cli, bitmoji.server.workers; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'grpc') if m in sys.modules))"
+    code = (
+        "import sys, bitmoji.server.cli, bitmoji.server.workers; print("
+        "sorted(m for m in ('torch', 'numpy', 'PIL', 'grpc') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
