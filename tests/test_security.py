@@ -155,7 +155,7 @@ def test_clients_cannot_name_files_requests_carry_only_model_names():
 
     service = pb.DESCRIPTOR.services_by_name["Classifier"]
     found = {s.rsplit(".", 1)[1] for method in service.methods for s in strings(method.input_type)}
-    # names looked up among the loaded models, never used as paths (see test_repository.py)
+    # names looked up among the loaded models, never used as paths (see e2e/test_repository_serving.py)
     assert found == {"model_name", "model_version"}
 
 

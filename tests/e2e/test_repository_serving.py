@@ -113,27 +113,28 @@ def test_calls_name_models_and_versions_and_unknown_ones_are_not_found(polled):
 
 
 def test_a_new_version_rolls_out_under_load_and_a_corrupt_one_replaces_nothing(polled):
-    root, stop, seen, failures = polled.root, threading.Event(), [], []
+    root, stop, failures = polled.root, threading.Event(), []
+    seen: list[list[str]] = [[] for _ in range(3)]  # per caller: its calls are in order
 
-    def load():
+    def load(mine: list[str]):
         with grpc.insecure_channel(polled.target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             while not stop.is_set():
                 try:
-                    seen.append(classify(stub, "mlp").model_version)
+                    mine.append(classify(stub, "mlp").model_version)
                 except grpc.RpcError as error:
                     failures.append(f"{error.code().name}: {error.details()}")
 
-    callers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    callers = [threading.Thread(target=load, args=(mine,), daemon=True) for mine in seen]
     for caller in callers:
         caller.start()
     try:
-        wait_until(polled, lambda s: len(seen) > 20)
+        wait_until(polled, lambda s: all(len(mine) > 5 for mine in seen))
         staging = root / ".staging"
         export_test_model("mlp", staging / "model.pt", seed=2)
         staging.rename(root / "mlp" / "2")  # published atomically, as bitmoji-train publish does
         deadline = time.monotonic() + 60
-        while not seen or seen[-1] != "2":
+        while not all(mine[-1] == "2" for mine in seen):
             assert time.monotonic() < deadline, "version 2 never served"
             time.sleep(0.05)
         (root / "mlp" / "3").mkdir()
@@ -150,7 +151,8 @@ def test_a_new_version_rolls_out_under_load_and_a_corrupt_one_replaces_nothing(p
         for caller in callers:
             caller.join(30)
     assert not failures, failures[:5]
-    assert seen[0] == "1" and seen[-1] == "2" and seen == sorted(seen)  # 1 until 2 was ready, then 2, never back
+    for mine in seen:  # each caller: 1 until 2 was ready, then 2, never back
+        assert mine[0] == "1" and mine[-1] == "2" and mine == sorted(mine)
     assert "model mlp version 3 failed to load" in polled.output()
     shutil.rmtree(root / "mlp" / "3")
 
