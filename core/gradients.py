@@ -101,6 +101,10 @@ class ProbeResult:
     input_gradient: torch.Tensor  # d loss / d input, the input's shape
 
 
+class NotDifferentiable(ProbeError):
+    """The model itself cannot be probed (no autograd through it), whatever the request."""
+
+
 def gradient_probe(
     module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "bce"
 ) -> ProbeResult:
@@ -111,6 +115,11 @@ def gradient_probe(
     x = inputs.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         outputs = module(x)
+        if not outputs.requires_grad:
+            raise NotDifferentiable(
+                "the model's output does not depend differentiably on its input or parameters "
+                "(a quantized or frozen module?): GradientProbe needs a float model with parameters"
+            )
         if targets.numel() != outputs.numel():
             raise ProbeError(
                 f"got {targets.numel()} targets for {outputs.numel()} outputs (one target per output value)"

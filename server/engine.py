@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bitmoji.core.gradients import LOSSES, ProbeError, ProbeResult, gradient_probe
+from bitmoji.core.gradients import LOSSES, NotDifferentiable, ProbeError, ProbeResult, gradient_probe
 from bitmoji.server import tracing
 from bitmoji.server.batcher import BatchFailed, QueueFull, build_batch
 from bitmoji.server.calls import CURRENT_CALL
 from bitmoji.server.config import ServerConfig
-from bitmoji.server.errors import InvalidArgument, Unavailable, Unimplemented
+from bitmoji.server.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
 from bitmoji.server.inputs import InputError, Item, decode_input
 from bitmoji.server.metrics import REFUSED_QUEUE, REFUSED_UNLOADING, SHADOW_BUSY, SHADOW_FAILED, Metrics
 from bitmoji.server.model import ServedModel, error_summary
@@ -218,6 +218,8 @@ class Engine:
         x = served.to_device(build_batch(tensors))
         try:
             result = gradient_probe(served.module, x, torch.tensor(targets, dtype=torch.float32), loss)
+        except NotDifferentiable as exc:
+            raise FailedPrecondition(f"{served.build}: {exc}") from None
         except ProbeError as exc:
             raise InvalidArgument(str(exc)) from None
         except Exception as exc:

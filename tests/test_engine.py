@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import export_faulty_model
 
+from bitmoji.core.modelfile import export_torchscript
 from bitmoji.server.config import ServerConfig
 from bitmoji.server.engine import Engine
 from bitmoji.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -310,5 +311,31 @@ def test_config_json_routing_changes_are_followed_on_poll(tmp_path):
             status = engine.manager.status("cnn")
             assert (status.default_version, status.shadow_version) == (2, 1)
             assert (await engine.infer([item(1.0)])).version == "2"
+
+    asyncio.run(main())
+
+
+class _NoAutogradNet(torch.nn.Module):
+    """Runs its forward pass without autograd, as a quantized or frozen module does: Classify works, a probe cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return x[:, :1] * self.scale
+
+
+def test_a_model_without_autograd_classifies_but_refuses_probes_with_failed_precondition(tmp_path):
+    metadata = {"model_version": "nograd-1", "input": {"shape": [2]}, "class_names": ["eva", "not_eva"]}
+    metadata["positive_class"] = "eva"
+    export_torchscript(_NoAutogradNet(), tmp_path / "m" / "1" / "model.pt", metadata, torch.tensor([[0.5, 0.0]]))
+
+    async def main():
+        async with running(tmp_path) as engine:
+            assert (await engine.infer([item(2.0)])).results[0][0] == pytest.approx(2.0)
+            with pytest.raises(FailedPrecondition, match="nograd-1: .*GradientProbe needs a float model"):
+                await engine.probe([item(0.5)], [1.0])
 
     asyncio.run(main())
