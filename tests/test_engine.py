@@ -70,6 +70,14 @@ def value(engine: Engine, name: str, **labels) -> float:
     return engine._metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` every millisecond (no fixed sleeps: a loaded machine only makes it take longer)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 def states(engine: Engine, model: str) -> dict[int, State]:
     return {v.version: v.state for v in engine.manager.status(model).versions}
 
@@ -256,11 +264,12 @@ def test_unloading_a_version_answers_the_calls_it_accepted_first(tmp_path):
 
     async def main():
         async with running(root, model_control_mode="explicit", load_model=("*",)) as engine:
+            batcher = engine.manager.loaded("cnn", "1").batcher
             slow = asyncio.ensure_future(engine.infer([item(0.5, iterations)] * 4, version="1"))
-            await asyncio.sleep(0.05)
+            await until(lambda: batcher.queued or batcher._busy)  # accepted: queued or running
             unloading = asyncio.ensure_future(engine.manager.unload("cnn", ["1"]))
-            await asyncio.sleep(0.01)
-            assert states(engine, "cnn")[1] is State.UNLOADING and not slow.done()
+            await until(lambda: states(engine, "cnn")[1] is State.UNLOADING)
+            assert not slow.done()
             status = await unloading
             assert slow.done(), "unloaded before the call it had accepted was answered"
             assert {v.version: v.state for v in status.versions} == {1: State.UNAVAILABLE, 2: State.READY}
