@@ -39,10 +39,10 @@ from bitmoji.trainer import data as data_module
 from bitmoji.trainer import distributed, publish
 from bitmoji.trainer.early_stopping import EarlyStopping
 from bitmoji.trainer.models import build_model
+from bitmoji.trainer.recipes import RECIPES
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
-DEFAULT_LR = {"mlp": 1e-4, "cnn": 2e-3}  # mlp: the lecture's
 # TrainConfig fields left out of the model's metadata: where things are and how the run was driven
 NOT_HYPERPARAMETERS = ("data", "out", "resume", "progress", "repository", "name")
 
@@ -51,20 +51,21 @@ NOT_HYPERPARAMETERS = ("data", "out", "resume", "progress", "repository", "name"
 class TrainConfig:
     data: str
     out: str
-    arch: str = "mlp"
-    epochs: int = 20
+    arch: str = "mlp"  # mlp | cnn | vgg
+    # None: the arch's recipe (trainer/recipes.py) for epochs, lr, schedule, augment, patience, restore_best
+    epochs: int | None = None
     batch_size: int = 64
-    lr: float | None = None  # None: DEFAULT_LR[arch]
+    lr: float | None = None
     optimizer: str = "adam"  # adam (the lecture's) | adamw
     weight_decay: float = 0.0  # L2 penalty (Adam) or decoupled decay (AdamW)
-    schedule: str = "none"  # none | cosine
+    schedule: str | None = None  # none | cosine
     dropout: float = 0.1
-    augment: bool | None = None  # None: on for the cnn
+    augment: bool | None = None
     clip_grad_norm: float | None = None
     early_stopping: str = "best"  # lecture | best
-    patience: int = 5
+    patience: int | None = None
     min_delta: float = 0.0
-    restore_best: bool = True
+    restore_best: bool | None = None
     positive_class: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -75,9 +76,14 @@ class TrainConfig:
     name: str | None = None  # None: the arch
 
     def resolved(self) -> TrainConfig:
+        """The config with every unset option taken from the arch's recipe."""
+        if self.arch not in RECIPES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose from {sorted(RECIPES)}")
         cfg = copy.copy(self)
-        cfg.lr = DEFAULT_LR[cfg.arch] if cfg.lr is None else cfg.lr
-        cfg.augment = (cfg.arch == "cnn") if cfg.augment is None else cfg.augment
+        recipe = RECIPES[cfg.arch]
+        for name in ("epochs", "lr", "schedule", "augment", "patience", "restore_best"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, getattr(recipe, name))
         return cfg
 
 
@@ -335,7 +341,8 @@ def export(
         | {"processes": processes},
         metrics={
             "final": scalars(history[-1]),
-            "best": scalars(history[served_epoch - 1]),
+            "best": scalars(history[max(stopper.best_epoch, 1) - 1]),  # the lowest valid loss
+            "served": scalars(history[served_epoch - 1]),  # the epoch whose weights the file holds
             "served_epoch": served_epoch,
             "stop_reason": stop_reason,
         },
