@@ -1,6 +1,6 @@
 """Run the whole benchmark suite and write BENCHMARKS.md and bench/results/throughput.png.
 
-    python -m bench.run_all            # the full suite (about 10 minutes on 2 cores)
+    python -m bench.run_all            # the full suite (about 30 minutes on 2 cores)
     python -m bench.run_all --quick    # every benchmark for a second or so (a smoke run)
 
 Steps, in order (each also writes bench/results/<step>.json):
@@ -15,6 +15,11 @@ taking turns level by level
   probe       GradientProbe vs Classify latency, one image
   coldstart   process start -> SERVING for the MLP, with a breakdown
   train_loop  the project's training loop vs the lecture's (same model, data, batch size, seed)
+  torchserve_cnn  the torchserve step on the default CNN
+  models      two models on one server: each alone, then both at once (bench/models.py)
+  tracing     served img/s with tracing off, at 100% and at 1% (bench/tracing.py)
+  pareto      accuracy against cost per architecture and int8: trains mlp, cnn, vgg on the real data
+              (bench/pareto.py; about 10 of the suite's minutes)
 
 Models are exported untrained (seeded) into a temporary directory: weights do
 not change speed. Images are read in place from the real bitmoji set.
@@ -46,6 +51,10 @@ STEPS = (
     "probe",
     "coldstart",
     "train_loop",
+    "torchserve_cnn",
+    "models",
+    "tracing",
+    "pareto",
 )
 LOAD_STEPS = {"load_mlp": "MLP", "load_mlp_workers": "MLP, --workers {cores}", "load_cnn": "CNN"}
 
@@ -63,6 +72,7 @@ def _settings(quick: bool) -> dict:
             breakdown=False,
             epochs=1,
             train_per_class=32,
+            rounds=1,
         )
     return dict(
         inproc_duration=5.0,
@@ -128,7 +138,7 @@ def run_suite(*, quick: bool, data: Path, steps=STEPS, results: Path = RESULTS, 
 
 def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> None:
     """Run one step; its result goes to out[step], its command line to out["commands"][step]."""
-    from bench import coldstart, grpc_floor, inprocess, load, probe, torchserve, train_loop
+    from bench import coldstart, grpc_floor, inprocess, load, models, pareto, probe, torchserve, tracing, train_loop
 
     if step == "inprocess":
         r = inprocess.run(mlp, images, duration=s["inproc_duration"], warmup=s["inproc_warmup"])
@@ -152,15 +162,50 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
             f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
             + "".join(f" --server-arg={a}" for a in args)
         )
-    elif step == "torchserve":
+    elif step in ("torchserve", "torchserve_cnn"):
         levels = s["cnn_levels"]  # the same levels: all four, or two in a quick run
+        arch = "cnn" if step.endswith("_cnn") else "mlp"
         r = torchserve.run(
-            levels, model=mlp, duration=s["load_duration"], warmup=s["load_warmup"], data=data, server_args=server_args
+            levels,
+            model=cnn if arch == "cnn" else mlp,
+            duration=s["load_duration"],
+            warmup=s["load_warmup"],
+            data=data,
+            server_args=server_args,
         )
         out["commands"][step] = (
-            f"python -m bench.torchserve --concurrency {','.join(map(str, levels))} "
+            f"python -m bench.torchserve --model {arch} --concurrency {','.join(map(str, levels))} "
             f"--duration {s['load_duration']:g} --warmup {s['load_warmup']:g}{sa}"
         )
+    elif step == "models":
+        r = models.run(rounds=s["rounds"], duration=s["load_duration"], warmup=s["load_warmup"], data=data)
+        out["commands"][step] = (
+            f"python -m bench.models --rounds {s['rounds']} --duration {s['load_duration']:g} "
+            f"--warmup {s['load_warmup']:g}"
+        )
+    elif step == "tracing":
+        r = tracing.run(rounds=s["rounds"], duration=s["load_duration"], warmup=s["load_warmup"], data=data)
+        out["commands"][step] = (
+            f"python -m bench.tracing --rounds {s['rounds']} --duration {s['load_duration']:g} "
+            f"--warmup {s['load_warmup']:g}"
+        )
+    elif step == "pareto":
+        if q:  # a quick run
+            r = pareto.run(
+                data=subset(data, s["train_per_class"], Path(tmp) / "subset"),
+                arches=("mlp", "cnn"),
+                cnn_seeds=(0,),
+                epochs=1,
+                duration=s["load_duration"],
+                warmup=s["load_warmup"],
+                target_s=0.2,
+            )
+            out["commands"][step] = "python -m bench.pareto --arches mlp,cnn  # quick: 1 epoch on a subset"
+        else:
+            r = pareto.run(data=data, duration=s["load_duration"], warmup=s["load_warmup"])
+            out["commands"][step] = (
+                f"python -m bench.pareto --duration {s['load_duration']:g} --warmup {s['load_warmup']:g}"
+            )
     elif step == "grpc_floor":
         levels = (1, 32, 64)
         r = grpc_floor.run(levels, duration=s["load_duration"], warmup=s["load_warmup"], data=data)
@@ -324,6 +369,72 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def cnn_targets(r: dict) -> list[tuple[str, str, str, str]]:
+    """(target, measured, goal, verdict) rows for issue 13's targets: the cheap CNN and the MLP under load."""
+    rows = []
+    by = {row["name"]: row for row in (r.get("pareto") or {}).get("rows", [])}
+    cnn, vgg, mlp = by.get("cnn"), by.get("vgg"), by.get("mlp")
+    if cnn:
+        n = len(cnn["accuracies"])
+        rows.append(
+            (
+                f"default CNN validation accuracy, mean (min) of {n} seed(s)",
+                f"{cnn['accuracy_mean']:.3f} ({cnn['accuracy_min']:.3f})",
+                ">= 0.97 (none below 0.96)",
+                _verdict(cnn["accuracy_mean"] >= 0.97 and cnn["accuracy_min"] >= 0.96),
+            )
+        )
+        seconds = [t for t in cnn.get("train_seconds") or [] if t is not None]
+        if seconds:
+            rows.append(
+                (
+                    "default CNN training time, 2 cores (slowest seed; a busy box stretches it)",
+                    f"{max(seconds):.0f} s",
+                    "<= 180 s",
+                    _verdict(max(seconds) <= 180),
+                )
+            )
+    if cnn and vgg:
+        for batch, goal in (("b32", 8), ("b1", 4)):
+            x = vgg[f"cpu_ms_per_image_{batch}"] / cnn[f"cpu_ms_per_image_{batch}"]
+            rows.append(
+                (
+                    f"CNN forward pass, CPU ms per image at batch {batch[1:]}: the first CNN / the default",
+                    f"{x:.1f}x ({vgg[f'cpu_ms_per_image_{batch}']:.3f} / {cnn[f'cpu_ms_per_image_{batch}']:.3f} ms)",
+                    f">= {goal}x",
+                    _verdict(x >= goal),
+                )
+            )
+    if cnn and mlp:
+        x = cnn["served"]["images_per_s"] / mlp["served"]["images_per_s"]
+        rows.append(
+            (
+                f"CNN served img/s / the MLP's, {r['pareto']['concurrency']} callers",
+                f"{x:.2f}x ({cnn['served']['images_per_s']:.0f} / {mlp['served']['images_per_s']:.0f})",
+                ">= 0.9x",
+                _verdict(x >= 0.9),
+            )
+        )
+    for step, name, goals in (
+        ("torchserve_cnn", "CNN", {1: 1.0, 8: 1.0, 32: 1.0, 64: 1.0}),
+        ("torchserve", "MLP", {1: 2.0, 64: 1.0}),
+    ):
+        for row in (r.get(step) or {}).get("rows", []):
+            goal = goals.get(row["concurrency"])
+            if goal is None or "throughput_ratio" not in row:
+                continue
+            x = row["throughput_ratio"]
+            rows.append(
+                (
+                    f"{name}, one server (default flags) / TorchServe, {row['concurrency']} callers",
+                    f"{x:.2f}x ({row['ours']['images_per_s']:.0f} vs {row['torchserve']['images_per_s']:.0f})",
+                    f"{'>' if goal == 1.0 and name == 'CNN' else '>='} {goal:g}x",
+                    _verdict(x > goal if name == "CNN" else x >= goal),
+                )
+            )
+    return rows
+
+
 def markdown(r: dict, plot: str | None) -> str:
     m = r["machine"]
     L = [
@@ -354,6 +465,16 @@ def markdown(r: dict, plot: str | None) -> str:
         "| --- | --- | --- | --- |",
     ]
     L += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(r)]
+    cnn_rows = cnn_targets(r)
+    if cnn_rows:
+        L += ["", "## Issue 13's targets", "", "| target | measured | goal | |", "| --- | --- | --- | --- |"]
+        L += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in cnn_rows]
+    if r.get("pareto"):
+        from bench import pareto
+
+        L += ["", "## Accuracy against cost: each architecture, and int8", "", *pareto.markdown(r["pareto"])]
+        if plot:  # written beside the throughput plot
+            L += ["", f"![accuracy against served img/s]({os.path.join(os.path.dirname(plot), 'pareto.png')})"]
     if r.get("reused"):
         L += ["", f"Reused from an earlier run (see the commands): {', '.join(r['reused'])}."]
     if r.get("failed"):
@@ -409,48 +530,8 @@ def markdown(r: dict, plot: str | None) -> str:
                 f"| {_fmt(row.get('server_cpu_ms_per_image'), '.3f')} "
                 f"| {_fmt(row['generator_cpu_cores'])} | {row['loadavg']} |"
             )
-    ts = r.get("torchserve")
-    if ts and ts.get("skipped"):
-        L += ["", "## TorchServe side by side", "", f"Skipped: {ts['skipped']}."]
-    elif ts:
-        st = ts["torchserve_settings"]
-        L += [
-            "",
-            f"## TorchServe {ts['torchserve_version']} side by side",
-            "",
-            f"`{r['commands']['torchserve']}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
-            f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript MLP and the same decode "
-            "(its handler calls `bitmoji.core.preprocess.load_image`; "
-            f"answers agreed to {ts['max_probability_difference']:.1g}); "
-            'this server runs as one process ("ours") '
-            f"and with `--workers {st['workers']}` (as many processes as TorchServe's "
-            "workers); the servers take turns at each level, under the same generator.",
-            "",
-            "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) "
-            "| ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
-            f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) "
-            f"| --workers {st['workers']} / TorchServe |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for row in ts["rows"]:
-            cells = [f"| {row['concurrency']} "]
-            for key, ratio in (
-                ("torchserve", None),
-                ("ours", "throughput_ratio"),
-                ("ours_workers", "workers_throughput_ratio"),
-            ):
-                x = row.get(key)
-                if x is None:
-                    cells.append("| | | | | ")
-                    continue
-                cells.append(
-                    f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} "
-                    f"| {_fmt(x.get('server_cpu_cores'))} "
-                )
-                if ratio:
-                    cells.append(f"| {row[ratio]:.2f}x ")
-            L.append("".join(cells) + "|")
-        L += ["", f"Load average at the end: {ts.get('loadavg')}."]
+    for step, model in (("torchserve", "MLP"), ("torchserve_cnn", "CNN")):
+        L += _torchserve_section(r, step, model)
     gf = r.get("grpc_floor")
     if gf:
         L += [
@@ -545,10 +626,92 @@ def markdown(r: dict, plot: str | None) -> str:
             f"{_fmt(tl.get('speedup_per_epoch'))}x per epoch once decoded; "
             f"load average {tl.get('loadavg')}.",
         ]
+    mo = r.get("models")
+    if mo:
+        L += [
+            "",
+            "## Two models on one server",
+            "",
+            f"`{r['commands']['models']}`: a repository of the MLP and the CNN; each alone with "
+            f"{mo['concurrency']} callers, then both at once with half each, in turn.",
+            "",
+            "| model | alone img/s | together img/s | together / alone (median) | memory per version MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for m in mo["alone_images_per_s"]:
+            L.append(
+                f"| {m} | {mo['alone_images_per_s'][m]} | {mo['together_images_per_s'][m]} "
+                f"| {mo['median_ratio'][m]:.2f} | {_fmt(mo['memory_mib_per_version'].get(f'{m} v1'), '.0f')} |"
+            )
+        L += ["", f"Sum of the median ratios {mo['sum_of_median_ratios']:.2f} (1: the cores stay as busy as with one "
+              f"model); server RSS {mo['server_rss_mib']:.0f} MiB."]  # fmt: skip
+    tr = r.get("tracing")
+    if tr:
+        L += [
+            "",
+            "## What tracing costs",
+            "",
+            f"`{r['commands']['tracing']}`: the MLP, {tr['concurrency']} callers, a real OTLP exporter sending to a "
+            "sink on loopback; the configurations take turns.",
+            "",
+            "| tracing | img/s per round | ratio to off (median) | spans exported | errors |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, t in tr["summary"].items():
+            L.append(
+                f"| {name} | {t['images_per_s']} | {t['median_ratio']:.2f} | {t['spans_exported']} | {t['errors']} |"
+            )
     if plot:
         L += ["", "## Throughput and p99 vs concurrency", "", f"![throughput and p99 vs concurrency]({plot})"]
     L += ["", "## Commands", "", "```", *(f"{c}" for c in r["commands"].values()), "```", ""]
     return "\n".join(L)
+
+
+def _torchserve_section(r: dict, step: str, model: str) -> list[str]:
+    L: list[str] = []
+    ts = r.get(step)
+    if ts and ts.get("skipped"):
+        L += ["", f"## TorchServe side by side: {model}", "", f"Skipped: {ts['skipped']}."]
+    elif ts:
+        st = ts["torchserve_settings"]
+        L += [
+            "",
+            f"## TorchServe {ts['torchserve_version']} side by side: {model}",
+            "",
+            f"`{r['commands'][step]}`: TorchServe over gRPC (`Predictions`), {st['workers']} workers, batching "
+            f"{st['batch_size']} / {st['max_batch_delay_ms']} ms, the same TorchScript file and the same decode "
+            "(its handler calls `bitmoji.core.preprocess.load_image`; "
+            f"answers agreed to {ts['max_probability_difference']:.1g}); "
+            'this server runs as one process ("ours") '
+            f"and with `--workers {st['workers']}` (as many processes as TorchServe's "
+            "workers); the servers take turns at each level, under the same generator.",
+            "",
+            "| concurrency | TorchServe img/s | p50 ms | p99 ms | CPU (cores) "
+            "| ours img/s | p50 ms | p99 ms | CPU (cores) | ours / TorchServe "
+            f"| --workers {st['workers']} img/s | p50 ms | p99 ms | CPU (cores) "
+            f"| --workers {st['workers']} / TorchServe |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in ts["rows"]:
+            cells = [f"| {row['concurrency']} "]
+            for key, ratio in (
+                ("torchserve", None),
+                ("ours", "throughput_ratio"),
+                ("ours_workers", "workers_throughput_ratio"),
+            ):
+                x = row.get(key)
+                if x is None:
+                    cells.append("| | | | | ")
+                    continue
+                cells.append(
+                    f"| {x['images_per_s']:.0f} | {_fmt(x['p50'])} | {_fmt(x['p99'])} "
+                    f"| {_fmt(x.get('server_cpu_cores'))} "
+                )
+                if ratio:
+                    cells.append(f"| {row[ratio]:.2f}x ")
+            L.append("".join(cells) + "|")
+        L += ["", f"Load average at the end: {ts.get('loadavg')}."]
+    return L
 
 
 def _codec_ms(row: dict) -> str:
@@ -641,12 +804,16 @@ def main(argv=None) -> dict:
                 r["commands"][step] = r[step].get("command", "?") + "  # reused from an earlier run"
                 r.setdefault("reused", []).append(step)
     png = plot(r, results / "throughput.png")
+    if r.get("pareto"):
+        from bench import pareto
+
+        pareto.plot(r["pareto"], results / "pareto.png")
     out = Path(args.out)
     rel = os.path.relpath(png, out.parent) if png else None
     out.write_text(markdown(r, rel))
     write_json(results / "suite.json", r)
     progress(f"wrote {out} and {png}")
-    for a, b, c, d in targets(r):
+    for a, b, c, d in targets(r) + cnn_targets(r):
         print(f"{a}: {b} (goal {c}) {d.strip('*')}")
     return r
 

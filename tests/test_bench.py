@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import coldstart, faults, grpc_floor, inprocess, load, probe, run_all, torchserve, train_loop
+from bench import coldstart, faults, grpc_floor, inprocess, load, pareto, probe, run_all, torchserve, train_loop
 from bench import tracing as tracing_bench
 from bench.common import percentiles, real_images
 
@@ -285,6 +285,44 @@ def test_run_all_report_and_plot(tmp_path):
     assert "Skipped: torchserve not found." in run_all.markdown(r, None)
 
 
+def test_pareto_smoke(tmp_path):
+    """Train, quantize, measure and plot, for real, on a tiny data set (one epoch: the figures are not judged)."""
+    data = tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "pareto.json"
+    args = ["--data", str(data), "--arches", "mlp,cnn", "--cnn-seeds", "0,1", "--epochs", "1", "--models"]
+    pareto.main([*args, str(tmp_path / "models"), "--duration", "0.5", "--warmup", "0.2", "--out", str(out)])
+    r = read(out)
+    rows = {row["name"]: row for row in r["rows"]}
+    assert set(rows) == {"mlp", "cnn", "cnn-int8"}
+    assert len(rows["cnn"]["accuracies"]) == 2 and 0 <= rows["cnn"]["accuracy_min"] <= rows["cnn"]["accuracy_mean"]
+    assert rows["mlp"]["params"] > 6_000_000 > 107_857 == rows["cnn"]["params"] == rows["cnn-int8"]["params"]
+    assert rows["cnn"]["macs"] == 11_010_112  # counted by hooks: a 2x2 stem, six 3x3 convolutions, one Linear
+    assert 0.5 <= rows["cnn-int8"]["int8_label_agreement"] <= 1
+    for row in rows.values():
+        assert row["cpu_ms_per_image_b1"] > 0 and row["cpu_ms_per_image_b32"] > 0
+        assert row["served"]["images_per_s"] > 0 and row["served"]["error_count"] == 0
+    assert (tmp_path / "models" / "cnn" / "seed1" / "model.pt").is_file()  # --models keeps them for the next run
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_and_issue_13_targets():
+    def row(name, accuracy, served, b1, b32):
+        return dict(name=name, accuracy_mean=accuracy, accuracy_min=accuracy - 0.01, accuracies=[accuracy],
+                    params=1, macs=1e6, cpu_ms_per_image_b1=b1, cpu_ms_per_image_b32=b32, train_seconds=[100.0],
+                    int8_label_agreement=None, served={"images_per_s": served, "p99": 5.0})  # fmt: skip
+
+    rows = [row("mlp", 0.70, 500, 0.5, 0.2), row("cnn", 0.975, 480, 0.6, 0.3), row("vgg", 0.96, 200, 3.0, 2.7)]
+    assert pareto.pareto_front(rows) == {"mlp", "cnn"}  # vgg: less accurate and slower than the cnn
+    r = {"pareto": {"rows": rows, "concurrency": 32, "seeds": [0], "cnn_seeds": [0]}}
+    verdicts = {t[0]: (t[1], t[3]) for t in run_all.cnn_targets(r)}
+    assert verdicts["CNN forward pass, CPU ms per image at batch 32: the first CNN / the default"][1] == "**met**"
+    assert verdicts["CNN forward pass, CPU ms per image at batch 1: the first CNN / the default"][1] == "**met**"
+    assert verdicts["CNN served img/s / the MLP's, 32 callers"] == ("0.96x (480 / 500)", "**met**")
+    assert verdicts["default CNN validation accuracy, mean (min) of 1 seed(s)"][1] == "**met**"
+    text = "\n".join(pareto.markdown(r["pareto"]))
+    assert "| cnn | 0.975 / 0.965 |" in text and "| vgg |" in text and "**9.0x** cheaper at batch 32" in text
+
+
 def test_tracing_smoke(tmp_path):
     out = tmp_path / "tracing.json"
     tracing_bench.main(
@@ -325,6 +363,8 @@ def test_real_images_are_128_pngs():
         "torchserve",
         "tracing",
         "faults",
+        "models",
+        "pareto",
     ],
 )
 def test_every_script_has_help(module):
