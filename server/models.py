@@ -242,12 +242,10 @@ class ModelManager:
         self._on_change = on_change
         self._models: dict[str, ModelEntry] = {}
         self._model_file = config.model or ""  # --model (when no --model-repository)
-        self._load_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()  # one load at a time: memory deltas stay attributable, CPU stays for serving
         # every version's batcher takes a slot per running batch: the model threads of all loaded versions
         # together run at most this many batches at once (one per model thread of the server's default)
-        self._slots = threading.Semaphore(
-            config.resolved_decode_workers
-        )  # one load at a time: memory deltas stay attributable, CPU stays for serving
+        self._slots = threading.Semaphore(config.resolved_decode_workers)
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.default_model: str | None = None
