@@ -85,6 +85,7 @@ def _settings(quick: bool) -> dict:
         breakdown=True,
         epochs=3,
         train_per_class=None,
+        rounds=2,
     )
 
 

@@ -161,6 +161,11 @@ def test_train_loop_smoke(tmp_path):
     assert [row["images_per_s"] > 0 for row in r["rows"]] == [True, True]
 
 
+def test_run_all_full_settings_name_every_setting_the_quick_ones_do():
+    """Only --quick runs in CI: a setting missing from the full run would fail its step there only."""
+    assert set(run_all._settings(quick=False)) == set(run_all._settings(quick=True))
+
+
 def test_run_all_report_and_plot(tmp_path):
     """The report and the plot from a small, made-up result (the steps themselves are smoke-tested above)."""
     row = dict(
