@@ -224,7 +224,8 @@ def _run_step(step, out, s, q, sa, mlp, cnn, images, data, server_args, tmp) -> 
         )
         workers = f"--workers={cpu_count()}"
         r["workers"] = coldstart.run(mlp, s["coldstart_runs"], with_breakdown=False, server_args=[workers])
-        out["commands"][step + "_workers"] = (
+        # also in the step's own file: a report that reuses it (--reuse) names it too
+        out["commands"][step + "_workers"] = r["workers"]["command"] = (
             f"python -m bench.coldstart --model mlp --runs {s['coldstart_runs']} --no-breakdown --server-arg={workers}"
         )
     elif step == "train_loop":
@@ -457,7 +458,9 @@ def markdown(r: dict, plot: str | None) -> str:
         f"| load average (1, 5, 15 min) at start / end | {m['loadavg']} / {r.get('loadavg_end')} |",
         f"| Python / torch / grpcio | {m['python']} / {m['torch']} / {m['grpcio']} |",
         f"| platform | {m['platform']} |",
-        f"| run | {r['started']} to {r.get('finished')} |",
+        f"| run | {r['started']} to {r.get('finished')}"
+        + (f" (the {len(r['reused'])} steps marked as reused ran earlier, on this box)" if r.get("reused") else "")
+        + " |",
         f"| images | one 128x128 PNG of the real bitmoji set per call ({r['data']}) |",
         "",
         "## Issue 4's targets",
@@ -584,7 +587,8 @@ def markdown(r: dict, plot: str | None) -> str:
         if w:
             L += [
                 "",
-                f"`{r['commands']['coldstart_workers']}`: process start to the first worker's health SERVING, "
+                f"`{r['commands'].get('coldstart_workers') or w.get('command', '?')}`: "
+                "process start to the first worker's health SERVING, "
                 f"median **{w['serving_s_median']:.2f} s** of {[round(t['serving_s'], 2) for t in w['runs']]} "
                 "(the supervisor imports no torch: the workers start at once); "
                 f"load average {w['loadavg']}.",

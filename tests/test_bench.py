@@ -276,6 +276,9 @@ def test_run_all_report_and_plot(tmp_path):
     assert "| 32 | 3200 |" in text and "test cpu" in text and "![throughput" in text
     assert "## Server under load: MLP, --workers 2" in text and "| 32 | 6400 |" in text
     assert "`e2`: process start to the first worker's health SERVING, median **5.50 s**" in text
+    del r["commands"]["coldstart_workers"]  # a step reused from its file (--reuse): its command is in the file
+    r["coldstart"]["workers"]["command"] = "e3"
+    assert "`e3`: process start to the first worker's health SERVING" in run_all.markdown(r, "throughput.png")
     assert (
         "## TorchServe 0.12.0 side by side" in text
         and "| 32 | 500 |" in text

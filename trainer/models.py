@@ -47,15 +47,15 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seque
 
 
 class BitmojiCNN(nn.Module):
-    """The default CNN: more accurate than BitmojiVGG (0.975 against 0.96) at a fifth to a ninth of its cost.
+    """The default CNN: more accurate than BitmojiVGG (0.97 against 0.955-0.96) at a fraction of its cost.
 
     Cost, not accuracy, shaped it (docs/training.md tells the sweep; bench/pareto.py
     measures both). A 2x2 stride-2 patchify stem takes 128x128 to 64x64 with only
     `width` channels: the small figures that decide the hard stickers survive (a 4x4
     stem lost them), yet the 64x64 maps stay cheap. Stride-2 3x3 convolutions, not
     pooling, halve the resolution to 32x32, 16x16 and 8x8; the small maps afford more
-    3x3 convolutions (one at 16x16, two at 8x8: the second at 8x8 took the mean of three
-    seeds from 0.967 to 0.975 for 20% more time). The stem has no padding, so the [0, 1] inputs need
+    3x3 convolutions (one at 16x16, two at 8x8: the second at 8x8 took the sweep's mean of
+    three seeds from 0.967 to 0.975 for 20% more time). The stem has no padding, so the [0, 1] inputs need
     no centring (its BatchNorm absorbs any scale); every BatchNorm follows a convolution,
     so `optimize_for_inference` can fold them all.
     """
