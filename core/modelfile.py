@@ -155,18 +155,10 @@ def optimize_for_inference(module: torch.jit.ScriptModule) -> torch.jit.ScriptMo
     """An inference-only copy of a loaded module: frozen (weights become constants, so no parameters and
     no gradients) and passed through `torch.jit.optimize_for_inference` (on CPU it folds convolution +
     batch norm and runs convolutions through oneDNN). Raises whatever torch raises for a module it cannot
-    freeze. The caller decides whether the copy is worth serving: it is 1.6x faster for the first CNN at batch
+    freeze. The caller decides whether the copy is worth serving: it is 1.6x faster for the CNN at batch
     8-32 here, but 3x slower for the MLP at batch 1."""
     with quiet_torchscript():
         return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-
-
-def freeze_for_inference(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """A frozen copy of a loaded module (weights become constants, convolution + batch norm folded), without
-    `optimize_for_inference`'s oneDNN layout: fed channels-last batches, the fastest form of the default CNN
-    here (0.26 against 0.29-0.31 ms per image at batch 32, 0.51 against 0.53-0.67 at batch 1)."""
-    with quiet_torchscript():
-        return torch.jit.freeze(module.eval())
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:

@@ -342,9 +342,8 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     flag(
         "optimize",
         str,
-        "auto, on or off: run Classify on a frozen copy of the model (checked to give the same logits); auto "
-        "times the module as loaded, an optimize_for_inference copy and a frozen one fed channels-last batches, "
-        "and keeps the fastest; on serves the optimize_for_inference copy (CPU only)",
+        "auto, on or off: run Classify on a frozen copy passed through torch.jit.optimize_for_inference "
+        "(checked to give the same logits); auto times both at start-up and keeps the faster (CPU only)",
         choices=OPTIMIZE_MODES,
     )
     flag(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bitmoji.core.modelfile import LoadedModel, ModelFileError, freeze_for_inference, optimize_for_inference
+from bitmoji.core.modelfile import LoadedModel, ModelFileError, optimize_for_inference
 from bitmoji.core.preprocess import PREPROCESSING, to_model_input
 from bitmoji.server.config import OPTIMIZE_MODES
 from bitmoji.server.errors import Internal
@@ -64,7 +64,6 @@ class ServedModel:
     positive_label: str
     negative_label: str
     forward_module: torch.jit.ScriptModule | None = None  # what Classify runs, if not `loaded.module` (see `optimized`)
-    channels_last: bool = False  # Classify hands `forward_module` image batches in the channels-last layout
 
     @classmethod
     def create(cls, loaded: LoadedModel, *, max_pixels: int, input_shape: tuple[int, ...] | None = None) -> ServedModel:
@@ -105,8 +104,6 @@ class ServedModel:
     def predict(self, batch: torch.Tensor) -> list[list[float]]:
         """A batch [N, ...] (uint8 or float32, on CPU) -> one [logit, probability] per item."""
         module = self.module if self.forward_module is None else self.forward_module
-        if self.channels_last and batch.dim() == 4:  # the same values, laid out N, H, W, C (uint8: the cheap copy)
-            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             out = module(self.to_device(batch))
             if not isinstance(out, torch.Tensor):
@@ -139,16 +136,13 @@ class ServedModel:
         return sizes
 
     def optimized(self, max_batch_size: int, mode: str = "auto") -> tuple[ServedModel, str]:
-        """This model with Classify's forward pass run by a frozen copy when that pays; and why.
+        """This model with Classify's forward pass run by a frozen, optimized copy when that pays; and why.
 
-        Two copies are candidates: `optimize_for_inference`'s (frozen, oneDNN) and, with "auto" for image
-        models, a plainly frozen one fed channels-last batches (the faster for small CNNs here, the slower for
-        others: only timing tells). GradientProbe keeps the module as loaded (a frozen copy has no parameters
-        to take gradients of). A copy must give the same logits as the loaded module on a random batch; "on"
-        serves the optimized copy then, "auto" the fastest copy if it is faster at `max_batch_size` (at most
-        32) and not slower at batch 1 (timed here, median of 3); "off", a model on CUDA (not measured there
-        yet) or one without a declared input shape keep the module as loaded. Runs before the model serves
-        (start-up warm-up, reload).
+        GradientProbe keeps the module as loaded (a frozen copy has no parameters to take gradients of).
+        The copy must give the same logits as the loaded module on a random batch; "on" serves it then,
+        "auto" only if it is faster at `max_batch_size` (at most 32) and not slower at batch 1 (timed
+        here, median of 3); "off", a model on CUDA (not measured there yet) or one without a declared input shape
+        keep the module as loaded. Runs before the model serves (start-up warm-up, reload).
         """
         if mode not in OPTIMIZE_MODES:
             raise ValueError(f"optimize mode {mode!r}: choose from {', '.join(OPTIMIZE_MODES)}")
@@ -156,14 +150,10 @@ class ServedModel:
             return self, "as loaded (--optimize off)"
         if self.device.type != "cpu" or self.spec.shape is None:
             return self, "as loaded (optimizing needs a CPU model that declares its input shape)"
-        makers = [("optimized", lambda: replace(self, forward_module=optimize_for_inference(self.module)))]
-        if mode == "auto" and self.spec.image_size:
-            makers.append(
-                (
-                    "frozen, channels-last",
-                    lambda: replace(self, forward_module=freeze_for_inference(self.module), channels_last=True),
-                )
-            )
+        try:
+            candidate = replace(self, forward_module=optimize_for_inference(self.module))
+        except Exception as exc:  # a module torch cannot freeze still serves as loaded
+            return self, f"as loaded (could not optimize: {error_summary(exc, 120)})"
         batch_size = min(max_batch_size, CHECK_BATCH_CAP)
         generator, shape = torch.Generator().manual_seed(0), (batch_size, *self.spec.shape)
         big = (
@@ -172,44 +162,27 @@ class ServedModel:
             else torch.rand(shape, generator=generator)
         )
         want = torch.tensor([logit for logit, _p in self.predict(big)])  # a model that fails here fails its warm-up
-        candidates, refused = [], []
-        for name, make in makers:
-            copy = "the optimized copy" if name == "optimized" else f"the {name} copy"
-            try:
-                candidate = make()
-            except Exception as exc:  # a module torch cannot freeze still serves as loaded
-                refused.append(f"could not optimize: {error_summary(exc, 120)}")
-                continue
-            try:
-                got = torch.tensor([logit for logit, _p in candidate.predict(big)])
-            except Exception as exc:  # the copy, not the model, is broken: serve the model as loaded
-                refused.append(f"{copy} failed: {error_summary(exc, 120)}")
-                continue
-            difference = float((got - want).abs().max())
-            if not torch.allclose(got, want, atol=OPTIMIZED_TOLERANCE, rtol=OPTIMIZED_TOLERANCE):
-                refused.append(f"{copy}'s logits differ by up to {difference:.2g}")
-                continue
-            candidates.append((name, candidate, difference))
-        if not candidates:
-            return self, f"as loaded ({'; '.join(refused)})"
+        try:
+            got = torch.tensor([logit for logit, _p in candidate.predict(big)])
+        except Exception as exc:  # the copy, not the model, is broken: serve the model as loaded
+            return self, f"as loaded (the optimized copy failed: {error_summary(exc, 120)})"
+        difference = float((got - want).abs().max())
+        if not torch.allclose(got, want, atol=OPTIMIZED_TOLERANCE, rtol=OPTIMIZED_TOLERANCE):
+            return self, f"as loaded (the optimized copy's logits differ by up to {difference:.2g})"
         if mode == "on":
-            _name, candidate, difference = candidates[0]
             return candidate, f"optimized (--optimize on; logits within {difference:.1g})"
-        # the check above already ran every module at the full batch: only batch 1 needs a first, untimed call
-        one, full = _median_time(self.predict, big[:1]), _median_time(self.predict, big, warm=False)
-        timed = [
-            (_median_time(c.predict, big, warm=False), _median_time(c.predict, big[:1]), name, c, difference)
-            for name, c, difference in candidates
-        ]
-        timed.sort(key=lambda row: row[0])
-        summary = "; ".join(
-            f"{name} copy {1000 * c_full:.1f} ms vs {1000 * full:.1f} ms as loaded at batch {batch_size}, "
-            f"{1000 * c_one:.2f} vs {1000 * one:.2f} ms at batch 1"
-            for c_full, c_one, name, _c, _d in timed
+        # the check above already ran both modules at the full batch: only batch 1 needs a first, untimed call
+        times = {
+            name: [_median_time(model.predict, big[:1]), _median_time(model.predict, big, warm=False)]
+            for name, model in (("loaded", self), ("optimized", candidate))
+        }
+        (one, full), (opt_one, opt_full) = times["loaded"], times["optimized"]
+        summary = (
+            f"{1000 * opt_full:.1f} ms optimized vs {1000 * full:.1f} ms as loaded at batch {batch_size}, "
+            f"{1000 * opt_one:.2f} vs {1000 * one:.2f} ms at batch 1"
         )
-        for c_full, c_one, name, candidate, difference in timed:
-            if c_full <= AUTO_MIN_GAIN * full and c_one <= AUTO_MAX_LOSS * one:
-                return candidate, f"optimized ({summary}; serving {name}, logits within {difference:.1g})"
+        if opt_full <= AUTO_MIN_GAIN * full and opt_one <= AUTO_MAX_LOSS * one:
+            return candidate, f"optimized ({summary}; logits within {difference:.1g})"
         return self, f"as loaded (the optimized copy does not pay: {summary})"
 
     def label(self, probability: float) -> str:

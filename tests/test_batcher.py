@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 import pytest
 import torch
@@ -268,30 +267,12 @@ def test_optimize_auto_keeps_whichever_module_it_picks_exact(cnn_model_file):
     plain = _served_cnn(cnn_model_file)
     chosen, why = plain.optimized(4, "auto")
     assert why.startswith(("optimized (", "as loaded (the optimized copy does not pay: ")), why
-    # both candidates timed, and the line says which number is which
-    assert "optimized copy " in why and "frozen, channels-last copy " in why, why
-    assert why.count(" ms as loaded at batch 4, ") == 2, why
+    assert " ms optimized vs " in why and " ms as loaded at batch 4, " in why, why  # says which number is which
     assert (chosen.forward_module is not None) == why.startswith("optimized")
-    assert chosen.channels_last == ("serving frozen, channels-last" in why)
     batch = _images(3, seed=2)
     torch.testing.assert_close(
         torch.tensor(chosen.predict(batch)), torch.tensor(plain.predict(batch)), atol=1e-4, rtol=1e-4
     )
-
-
-def test_a_channels_last_model_gets_its_batches_channels_last_with_the_same_values(tmp_path):
-    class LayoutNet(nn.Module):  # logit = 1 when the batch arrives channels-last, plus its first pixel
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            last = float(x.is_contiguous(memory_format=torch.channels_last))
-            return torch.full((x.shape[0],), last) + x[:, 0, 0, 0]
-
-    path = modelfile.export_torchscript(LayoutNet(), tmp_path / "layout.pt", {}, torch.zeros(1, 3, 8, 8))
-    plain = ServedModel.create(modelfile.load_model(path), max_pixels=1 << 20)
-    batch = torch.rand(2, 3, 8, 8)
-    first = batch[:, 0, 0, 0].tolist()
-    assert [logit for logit, _p in plain.predict(batch)] == pytest.approx(first)
-    last = replace(plain, channels_last=True)
-    assert [logit for logit, _p in last.predict(batch)] == pytest.approx([1 + v for v in first])
 
 
 def test_optimize_off_or_no_declared_shape_keeps_the_module_as_loaded(cnn_model_file, tmp_path):
