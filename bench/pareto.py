@@ -353,6 +353,11 @@ def plot(r: dict, path: Path) -> Path | None:
         )
         if len(row["accuracies"]) > 1:
             ax.vlines(x, row["accuracy_min"], max(row["accuracies"]), color="C7", lw=1)
+    xs = [row["served"]["images_per_s"] for row in r["rows"]]
+    ys = [max(row["accuracies"]) for row in r["rows"]] + [row["accuracy_min"] for row in r["rows"]]
+    span_x, span_y = max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 0.1
+    ax.set_xlim(min(xs) - 0.05 * span_x, max(xs) + 0.2 * span_x)  # room for the labels, right and above
+    ax.set_ylim(min(ys) - 0.05 * span_y, max(ys) + 0.12 * span_y)
     ax.set_xlabel(f"served img/s, {r['concurrency']} callers (one server, default flags)")
     ax.set_ylabel("validation accuracy (real bitmojis)")
     ax.set_title("Accuracy against serving speed (marker area ~ multiply-adds)")
