@@ -25,7 +25,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -52,7 +52,8 @@ class TrainConfig:
     data: str
     out: str
     arch: str = "mlp"  # mlp | cnn | vgg
-    # None: the arch's recipe (trainer/recipes.py) for epochs, lr, schedule, augment, patience, restore_best
+    # None: the arch's recipe (trainer/recipes.py: every field of Recipe) for epochs, lr, schedule, augment,
+    # patience, restore_best
     epochs: int | None = None
     batch_size: int = 64
     lr: float | None = None
@@ -81,9 +82,9 @@ class TrainConfig:
             raise ValueError(f"unknown architecture {self.arch!r}; choose from {sorted(RECIPES)}")
         cfg = copy.copy(self)
         recipe = RECIPES[cfg.arch]
-        for name in ("epochs", "lr", "schedule", "augment", "patience", "restore_best"):
-            if getattr(cfg, name) is None:
-                setattr(cfg, name, getattr(recipe, name))
+        for option in fields(recipe):
+            if getattr(cfg, option.name) is None:
+                setattr(cfg, option.name, getattr(recipe, option.name))
         return cfg
 
 
