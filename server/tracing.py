@@ -37,6 +37,12 @@ log = logging.getLogger("bitmoji-serve")
 SERVER_ERRORS = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 _EPOCH_NS = time.time_ns() - time.monotonic_ns()  # time.monotonic() -> the epoch nanoseconds spans use
 
+
+def _ns(t: float) -> int:
+    """A time.monotonic() value -> the epoch nanoseconds a span's start and end take."""
+    return int(t * 1e9) + _EPOCH_NS
+
+
 _tracer: Any = None  # set by configure(): None means tracing is off
 _trace: Any = None  # the opentelemetry.trace module, once on
 _propagator: Any = None
@@ -144,11 +150,10 @@ def record_child(name: str, start: float, end: float, attributes: dict | None = 
     span = current_span()
     if span is None:
         return
-    ns = lambda t: int(t * 1e9) + _EPOCH_NS  # noqa: E731
     child = _tracer.start_span(
-        name, context=_trace.set_span_in_context(span), start_time=ns(start), attributes=attributes
+        name, context=_trace.set_span_in_context(span), start_time=_ns(start), attributes=attributes
     )
-    child.end(end_time=ns(end))
+    child.end(end_time=_ns(end))
 
 
 def record_batch(
@@ -168,21 +173,24 @@ def record_batch(
     """
     if _tracer is None or not calls:
         return
-    ns = lambda t: int(t * 1e9) + _EPOCH_NS  # noqa: E731
     first = _trace.set_span_in_context(calls[0][0])
     links = [_trace.Link(span.get_span_context()) for span, *_ in calls]
     batch = _tracer.start_span(
-        "batch", context=first, links=links, start_time=ns(batch_start),
+        "batch", context=first, links=links, start_time=_ns(batch_start),
         attributes={"bitmoji.batch_size": size, "bitmoji.model": model, "bitmoji.model_version": version},
     )  # fmt: skip
-    batch.end(end_time=ns(forward_end))
+    batch.end(end_time=_ns(forward_end))
     back = [_trace.Link(batch.get_span_context())]
     for span, arrived, decode_start, decode_end, items in calls:
         parent = _trace.set_span_in_context(span)
         span.set_attribute("bitmoji.items", items)
-        _tracer.start_span("queue", context=parent, start_time=ns(arrived)).end(end_time=ns(batch_start))
-        _tracer.start_span("decode", context=parent, start_time=ns(decode_start)).end(end_time=ns(decode_end))
+        _tracer.start_span("queue", context=parent, start_time=_ns(arrived)).end(end_time=_ns(batch_start))
+        _tracer.start_span("decode", context=parent, start_time=_ns(decode_start)).end(end_time=_ns(decode_end))
         forward = _tracer.start_span(
-            "forward", context=parent, links=back, start_time=ns(forward_start), attributes={"bitmoji.batch_size": size}
+            "forward",
+            context=parent,
+            links=back,
+            start_time=_ns(forward_start),
+            attributes={"bitmoji.batch_size": size},
         )
-        forward.end(end_time=ns(forward_end))
+        forward.end(end_time=_ns(forward_end))
