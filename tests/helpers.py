@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,21 @@ def wait_until(server, condition, timeout: float = 10) -> dict:
             return samples
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.01)
+
+
+def classify_loop(target: str, image: bytes, stop: threading.Event, outcomes: Counter, failures: list, **client):
+    """Steady load through the project's client (its retries, and round robin when asked), counting every
+    outcome by code, until `stop` is set; a failure's code and details also go to `failures`."""
+    from bitmoji.client import BitmojiClient, BitmojiError
+
+    with BitmojiClient(target, timeout=20, **client) as bitmoji:
+        while not stop.is_set():
+            try:
+                bitmoji.classify([image])
+                outcomes["OK"] += 1
+            except BitmojiError as error:
+                outcomes[error.code.name] += 1
+                failures.append(f"{error.code.name}: {error.details}")
 
 
 def rss_bytes(pid: int) -> int:

@@ -17,9 +17,8 @@ import time
 from collections import Counter
 
 import grpc
-from helpers import free_port, image_input, scrape, small_image, start_server, total
+from helpers import classify_loop, free_port, image_input, scrape, small_image, start_server, total
 
-from bitmoji.client import BitmojiClient, BitmojiError
 from bitmoji.v1 import classifier_pb2 as pb
 from bitmoji.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -73,16 +72,11 @@ def test_a_rolling_restart_behind_the_client_fails_no_call(mlp_model_file):
     image = small_image(128)
     stop, outcomes, failures = threading.Event(), Counter(), []
 
-    def load():
-        with BitmojiClient(target, load_balancing="round_robin", timeout=20) as client:
-            while not stop.is_set():
-                try:
-                    client.classify([image])
-                    outcomes["OK"] += 1
-                except BitmojiError as error:
-                    failures.append(f"{error.code.name}: {error.details}")
-
-    callers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    load = (target, image, stop, outcomes, failures)
+    callers = [
+        threading.Thread(target=classify_loop, args=load, kwargs={"load_balancing": "round_robin"}, daemon=True)
+        for _ in range(4)
+    ]
     for caller in callers:
         caller.start()
     try:

@@ -15,7 +15,7 @@ from collections import Counter
 import grpc
 import pytest
 import torch
-from helpers import ROOT, image_input, sample, scrape, synthetic_images, total
+from helpers import ROOT, classify_loop, image_input, sample, scrape, synthetic_images, total
 
 from bitmoji.core.modelfile import load_model
 from bitmoji.core.preprocess import load_image, to_model_input
@@ -149,26 +149,12 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path):
     assert "ready on" not in result.stderr
 
 
-def _classify_loop(target: str, image: bytes, stop: threading.Event, outcomes: Counter, failures: list) -> None:
-    """Steady load through the project's client (its retries and round robin), counting every outcome."""
-    from bitmoji.client import BitmojiClient, BitmojiError
-
-    with BitmojiClient(target, timeout=20) as client:
-        while not stop.is_set():
-            try:
-                client.classify([image])
-                outcomes["OK"] += 1
-            except BitmojiError as error:
-                outcomes[error.code.name] += 1
-                failures.append(f"{error.code.name}: {error.details}")
-
-
 def test_a_crashed_worker_fails_no_call_and_sigterm_during_its_restart_exits_0(server_factory, mlp_model_file):
     server = server_factory(mlp_model_file, "--workers", "2", timeout=120)
     image = synthetic_images(1)[0]
     stop, outcomes, failures = threading.Event(), Counter(), []
     callers = [
-        threading.Thread(target=_classify_loop, args=(server.target, image, stop, outcomes, failures), daemon=True)
+        threading.Thread(target=classify_loop, args=(server.target, image, stop, outcomes, failures), daemon=True)
         for _ in range(4)
     ]
     for caller in callers:
