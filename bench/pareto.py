@@ -79,14 +79,12 @@ def train(arch: str, seed: int, data: Path, out: Path, epochs: int | None = None
 
 
 def accuracy(module, valid) -> float:
+    """Validation accuracy as `bitmoji-train fit` reports it (its own `evaluate`), on CPU."""
     import torch
 
-    correct = 0
-    with torch.inference_mode():
-        for start in range(0, len(valid), 100):
-            x, y = valid.batch(torch.arange(start, min(start + 100, len(valid))))
-            correct += int(((module(x).reshape(-1) > 0).float() == y).sum())
-    return correct / len(valid)
+    from bitmoji.trainer.train import evaluate
+
+    return evaluate(module, valid, torch.device("cpu"))[1]
 
 
 @contextlib.contextmanager
